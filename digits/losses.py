@@ -1,0 +1,48 @@
+"""Costs (per example, averaged over the batch) and the L2 penalty.
+
+All costs are computed from the output pre-activations z_L for numerical stability, so the
+manual backward pass and `jax.grad` see exactly the same loss value.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from digits import model
+
+
+def one_hot(labels: jax.Array, num_classes: int, dtype) -> jax.Array:
+    """labels: int (B,) -> (B, num_classes)."""
+    return jax.nn.one_hot(labels, num_classes, dtype=dtype)
+
+
+def cost_from_logits(z: jax.Array, y: jax.Array, spec: model.MLPSpec) -> jax.Array:
+    """Mean cost over the batch. z: (B, C) output pre-activations, y: (B, C) one-hot targets."""
+    if spec.cost == "quadratic":  # Nielsen's network.py: 0.5 * ||a - y||^2
+        per_example = 0.5 * jnp.sum((model.activate(z, spec.output) - y) ** 2, axis=-1)
+    elif spec.output == "softmax":  # -sum y log softmax(z)
+        per_example = -jnp.sum(y * jax.nn.log_softmax(z, axis=-1), axis=-1)
+    else:  # sigmoid outputs: -sum [y log a + (1 - y) log(1 - a)] = sum softplus(z) - y z
+        per_example = jnp.sum(jax.nn.softplus(z) - y * z, axis=-1)
+    return jnp.mean(per_example)
+
+
+def l2_penalty(params, l2: float) -> jax.Array:
+    """0.5 * l2 * sum of squared weights (biases are not penalised, as in Nielsen's network2)."""
+    return 0.5 * l2 * sum(jnp.sum(layer["w"] ** 2) for layer in params)
+
+
+def loss(params, batch: tuple[jax.Array, jax.Array], spec: model.MLPSpec) -> jax.Array:
+    """batch: (x float (B, 784), labels int (B,)) -> scalar loss; the function jax.grad sees."""
+    x, labels = batch
+    z = model.logits(params, x, spec)
+    value = cost_from_logits(z, one_hot(labels, spec.layer_sizes[-1], z.dtype), spec)
+    if spec.l2:
+        value = value + l2_penalty(params, spec.l2)
+    return value
+
+
+def autodiff_value_and_grad(params, batch, spec: model.MLPSpec):
+    """The reference gradient: `jax.value_and_grad` of `loss`."""
+    return jax.value_and_grad(loss)(params, batch, spec)

@@ -1,0 +1,344 @@
+"""Metrics files (JSON / JSON lines), confusion matrices and PNG figures of a run.
+
+Figures use matplotlib's Agg backend so they render on headless machines; every plot function
+closes its figure, so calling them once per evaluation does not leak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import pathlib
+import tempfile
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: must precede the pyplot import
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ACCURACY_KEYS = ("train_accuracy", "validation_accuracy", "test_accuracy")
+LOSS_KEYS = ("loss", "validation_loss")
+
+
+# ----------------------------------------------------------------------------- JSON files
+
+
+def to_jsonable(obj):
+    """`obj` with numpy / JAX scalars and arrays turned into Python numbers and lists.
+
+    Dict keys become strings (JSON requires it, and mixed key types cannot be sorted).
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool, int, float)) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    if hasattr(obj, "__array__"):  # np.ndarray, jax.Array
+        return np.asarray(obj).tolist()
+    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
+
+
+def write_json(path, obj) -> None:
+    """Atomically writes `obj` as indented JSON with sorted keys (parent dirs created)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n"
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:  # readers must never see a half-written file or a stray temp
+        try:
+            os.remove(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def _repair_tail(path: pathlib.Path) -> None:
+    """Makes `path` end on a line boundary before appending to it.
+
+    A crash mid-write leaves a torn last line; appending straight after it would glue the next
+    record onto it and lose both. A torn line is dropped; a complete record that only lacks its
+    newline gets one.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "r+b") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        if _parses(data[start:]):
+            f.write(b"\n")
+        else:
+            f.truncate(start)
+
+
+class MetricsWriter:
+    """Appends one JSON record per line to `path`, so a resumed run continues the same file."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _repair_tail(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        """Writes `record` as one line and flushes it (readers see it immediately)."""
+        self._file.write(json.dumps(to_jsonable(record), sort_keys=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a JSON-lines file; a torn (unparseable) last line is skipped.
+
+    Raises:
+      ValueError: a line other than the last is not JSON (the file is damaged, not torn).
+    """
+    lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):  # a crash mid-write; everything before it is complete
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON; the file is damaged")
+    return records
+
+
+# ------------------------------------------------------------------------- evaluation numbers
+
+
+def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
+    """Counts of (true, predicted) pairs.
+
+    Args:
+      labels, predictions: int (N,), values in [0, num_classes).
+
+    Returns:
+      int64 (num_classes, num_classes); rows are true classes, columns predicted classes.
+    """
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    predictions = np.asarray(predictions).astype(np.int64).reshape(-1)
+    if labels.shape != predictions.shape:
+        raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} differ")
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} must lie in [0, {num_classes})")
+    # One bincount over flat (true, predicted) indices instead of a Python loop.
+    flat = np.bincount(labels * num_classes + predictions, minlength=num_classes**2)
+    return flat.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def per_class_accuracy(cm) -> np.ndarray:
+    """Recall of each class: float (C,) from a (C, C) confusion matrix; NaN for absent classes."""
+    cm = np.asarray(cm)
+    totals = cm.sum(axis=1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(totals > 0, np.diag(cm) / totals, np.nan)
+
+
+# ----------------------------------------------------------------------------------- figures
+
+
+def _save(fig, path) -> None:
+    """Writes `fig` as PNG (parent dirs created) and always closes it."""
+    try:
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def _message_figure(text: str, path) -> None:
+    fig, ax = plt.subplots(figsize=(4, 2))
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    ax.set_axis_off()
+    _save(fig, path)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the records that have both "step" and a numeric `key`."""
+    points = [
+        (r["step"], r[key])
+        for r in records
+        if _is_number(r.get("step")) and _is_number(r.get(key))
+    ]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _plot_keys(ax, records: list[dict], keys, ylabel: str) -> None:
+    plotted = False
+    for key in keys:
+        steps, values = _series(records, key)
+        if steps:
+            ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=key)
+            plotted = True
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if plotted:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, f"no {ylabel} recorded", ha="center", va="center", transform=ax.transAxes)
+
+
+def plot_learning_curves(records: list[dict], path) -> None:
+    """Two panels: loss(es) vs step and accuracies vs step; absent keys are skipped."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    _plot_keys(loss_ax, records, LOSS_KEYS, "loss")
+    _plot_keys(acc_ax, records, ACCURACY_KEYS, "accuracy")
+    _save(fig, path)
+
+
+def plot_confusion_matrix(cm, path, title: str = "Test confusion matrix") -> None:
+    """Heat map of a (C, C) confusion matrix with each cell's count written in it."""
+    cm = np.asarray(cm)
+    size = max(4.0, 0.6 * cm.shape[0] + 1.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    threshold = cm.max() / 2 if cm.size else 0
+    for (true, pred), count in np.ndenumerate(cm):
+        # White on dark cells, black on light ones, so every count stays readable.
+        color = "white" if count > threshold else "black"
+        ax.text(pred, true, str(count), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(cm.shape[1]))
+    ax.set_yticks(range(cm.shape[0]))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_misclassified(images, labels, predictions, path, max_images: int = 36) -> None:
+    """Grid of up to `max_images` misclassified digits, each titled "true T / pred P".
+
+    Args:
+      images: uint8 (N, H, W), or (N, H*W) with square images.
+      labels, predictions: int (N,).
+    """
+    images = np.asarray(images)
+    if images.ndim == 2:  # flattened pixels, as fed to the MLP
+        side = math.isqrt(images.shape[1])
+        images = images.reshape(-1, side, side)
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    wrong = np.flatnonzero(labels != predictions)[:max_images]
+    if wrong.size == 0:
+        _message_figure("no misclassified examples", path)
+        return
+    cols = math.ceil(math.sqrt(wrong.size))
+    rows = math.ceil(wrong.size / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"true {labels[i]} / pred {predictions[i]}", fontsize=8)
+    _save(fig, path)
+
+
+def _benchmark_lines(rows: list[dict]) -> dict[tuple[str, str], tuple[int, list, list]]:
+    """{(layer_sizes, grad): (steps_per_call, batch sizes, examples/s)} using, per line, only
+    the rows with its largest steps_per_call (the least dispatch-bound measurement); repeated
+    batch sizes keep their best throughput."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(str(row["layer_sizes"]), str(row["grad"]))].append(row)
+    lines = {}
+    for key, group in sorted(groups.items()):
+        spc = max(int(r["steps_per_call"]) for r in group)
+        best = {}
+        for r in group:
+            if int(r["steps_per_call"]) == spc:
+                b = int(r["batch_size"])
+                best[b] = max(best.get(b, 0.0), float(r["examples_per_s"]))
+        batches = sorted(best)
+        lines[key] = (spc, batches, [best[b] for b in batches])
+    return lines
+
+
+def plot_benchmark(rows: list[dict], path) -> None:
+    """Training throughput (examples/s) vs batch size, log-log, one line per (layers, grad)."""
+    if not rows:
+        _message_figure("no benchmark rows", path)
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (layers, grad), (spc, batches, speeds) in _benchmark_lines(rows).items():
+        ax.plot(batches, speeds, marker="o", label=f"{layers} {grad} (steps/call {spc})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("examples / s")
+    ax.set_title("Training throughput")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+# ------------------------------------------------------------------------------- TensorBoard
+
+
+class TensorBoardWriter:
+    """Scalars to TensorBoard event files via tensorboardX (imported only when used)."""
+
+    def __init__(self, logdir):
+        from tensorboardX import SummaryWriter  # optional dependency
+
+        self._writer = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: dict) -> None:
+        """Logs every numeric entry of `values` at `step`; other entries are skipped."""
+        for name, value in values.items():
+            value = to_jsonable(value)
+            if _is_number(value):
+                self._writer.add_scalar(name, float(value), int(step))
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
+
+    def __enter__(self) -> TensorBoardWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -13,6 +13,8 @@ import datetime
 import pathlib
 import sys
 
+import logging as python_logging
+
 from absl import app, flags, logging
 
 from digits import config as config_lib
@@ -139,8 +141,10 @@ def bench_config_from_flags():
         return bench.BenchConfig(
             layer_sizes=bench.parse_layer_sizes_list(FLAGS.bench_layer_sizes),
             batch_sizes=bench.parse_batch_sizes(",".join(FLAGS.bench_batch_sizes)),
-            grads=tuple(FLAGS.bench_grads), steps_per_call=tuple(int(s) for s in FLAGS.bench_steps_per_call),
-            num_seeds=tuple(int(s) for s in FLAGS.bench_num_seeds), repeats=FLAGS.bench_repeats,
+            grads=bench.parse_grads(",".join(FLAGS.bench_grads)),
+            steps_per_call=bench.parse_positive_ints(",".join(FLAGS.bench_steps_per_call), "--bench_steps_per_call"),
+            num_seeds=bench.parse_positive_ints(",".join(FLAGS.bench_num_seeds), "--bench_num_seeds"),
+            repeats=FLAGS.bench_repeats,
             platform=FLAGS.bench_platform, x64=FLAGS.x64, max_row_seconds=FLAGS.bench_max_row_seconds,
         )
     except (ValueError, TypeError) as e:
@@ -180,6 +184,7 @@ def run(mode: str) -> int:
 
 
 def main(argv) -> int:
+    python_logging.getLogger("jax._src.xla_bridge").setLevel(python_logging.WARNING)  # no libtpu noise
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from digits import experiment
@@ -197,6 +202,15 @@ def main(argv) -> int:
         return 130
 
 
+def parse_flags(argv):
+    """absl's parser, but a bad flag is one line on stderr and exit status 2 (no banner, no traceback)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -6,12 +6,13 @@ Each row of a sweep times the real training program: the chunk built by
 
 1. build the Config, spec, optimizer and state(s) exactly as training does;
 2. compile, timed on its own (`compile_s`);
-3. a 1-step probe call (the first warm-up call, untimed) estimates the step time, from which the
-   steps per timed call are capped so the row's timed work stays near `max_row_seconds`
-   (and, when even one step is too slow for that, the repeats too); mini-batch calls are also
-   capped at one epoch, since a chunk must not cross an epoch boundary;
-4. `warmup - 1` more untimed calls, then `repeats` timed calls, each ended by
-   `jax.block_until_ready`.
+3. an untimed 1-step probe call estimates the step time, from which the steps per timed call
+   are capped so the row's timed work stays near `max_row_seconds` (and, when even one step is
+   too slow for that, the repeats too); mini-batch calls are also capped at one epoch, since a
+   chunk must not cross an epoch boundary (each call starts at an epoch's first step);
+4. `warmup` untimed calls of the planned length, each refining the plan from its own time (the
+   probe counts as one when the plan is 1 step per call), then `repeats` timed calls, each
+   ended by `jax.block_until_ready`.
 
 Step times are call times divided by the steps in the call. The requested steps per call is
 kept in `steps_per_call_requested`; `steps_per_call` and `repeats` are what was run.
@@ -242,7 +243,9 @@ def _delete(tree) -> None:
 
 
 def _time_row(bench: BenchConfig, sizes, batch_size: int, grad: str, steps_requested: int, num_seeds: int,
-              images, labels, device, dtype) -> dict:
+              images, labels, device, dtype, cache: dict) -> dict:
+    """Times one row. `cache` maps the program's key to (compiled, compile_s): rows that differ
+    only in steps per call run the same program (the trip count is traced), compiled once."""
     n = int(images.shape[0])
     full = batch_size == 0 or batch_size >= n
     batch = n if full else batch_size
@@ -263,13 +266,16 @@ def _time_row(bench: BenchConfig, sizes, batch_size: int, grad: str, steps_reque
     state, perm = jax.device_put((state, perm), device)
     step_shape = np.shape(state.step)
     chunk = train.make_train_chunk(spec, tx, grad, batch, spe, full, 0, dtype)
-    compiled = None
+    key = (tuple(sizes), batch, grad, config.num_models, jnp.dtype(dtype).name)
     stats_seen = []
     host_step = 0
     try:
-        t0 = time.perf_counter()
-        compiled = train.compile_chunk(chunk, state, images, labels, perm, vmapped)
-        compile_s = time.perf_counter() - t0
+        if key not in cache:
+            cache.clear()  # frees the previous program
+            t0 = time.perf_counter()
+            compiled = train.compile_chunk(chunk, state, images, labels, perm, vmapped)
+            cache[key] = (compiled, time.perf_counter() - t0)
+        compiled, compile_s = cache[key]
 
         def call(steps: int) -> float:
             nonlocal state, host_step
@@ -285,18 +291,24 @@ def _time_row(bench: BenchConfig, sizes, batch_size: int, grad: str, steps_reque
             stats_seen.append(stats.first_bad_step)
             return elapsed
 
-        probe_s = call(1)  # the first warm-up call: estimates the step time
-        budget = bench.max_row_seconds
         cap = steps_requested if full else min(steps_requested, spe)
-        steps = max(1, min(cap, int(budget / (bench.repeats * probe_s))))
-        repeats = bench.repeats if steps > 1 else max(1, min(bench.repeats, int(budget / probe_s)))
-        for _ in range(bench.warmup - 1):
-            call(steps)
+
+        def plan(step_s: float) -> tuple[int, int]:
+            """(steps per call, repeats) keeping repeats * steps * step_s near the row budget."""
+            steps = max(1, min(cap, int(bench.max_row_seconds / (bench.repeats * step_s))))
+            if steps > 1:
+                return steps, bench.repeats
+            return 1, max(1, min(bench.repeats, int(bench.max_row_seconds / step_s)))
+
+        steps, repeats = plan(call(1))  # a 1-step probe; it overestimates (it pays dispatch)
+        # Warm-up calls at the planned length refine the plan; when that length is one step the
+        # probe was an identical call, so it counts as the first warm-up.
+        for _ in range(bench.warmup - 1 if steps == 1 else bench.warmup):
+            steps, repeats = plan(call(steps) / steps)
         times = [call(steps) / steps for _ in range(repeats)]
         nonfinite = bool(any(np.any(np.asarray(s) >= 0) for s in stats_seen))
     finally:
         _delete((state, perm))
-        compiled = None
 
     median = statistics.median(times)
     examples_per_step = config.num_models * batch
@@ -368,19 +380,21 @@ def run(bench: BenchConfig, images, labels, progress: Progress | None = None) ->
 
     device = _device(bench.platform)
     x64 = jax.enable_x64(True) if bench.x64 else contextlib.nullcontext()
-    combos = list(itertools.product(bench.layer_sizes, bench.batch_sizes, bench.grads, bench.steps_per_call,
-                                    bench.num_seeds))
-    rows = []
+    combos = list(itertools.product(bench.layer_sizes, bench.batch_sizes, bench.grads, bench.num_seeds,
+                                    bench.steps_per_call))
+    rows, cache = [], {}
     with x64, jax.default_device(device):
         dtype = jnp.float64 if bench.x64 else jnp.float32
         images_d, labels_d = jax.device_put((images, labels), device)
         try:
-            for i, (sizes, batch_size, grad, steps, num_seeds) in enumerate(combos, start=1):
-                row = _time_row(bench, sizes, batch_size, grad, steps, num_seeds, images_d, labels_d, device, dtype)
+            for i, (sizes, batch_size, grad, num_seeds, steps) in enumerate(combos, start=1):
+                row = _time_row(bench, sizes, batch_size, grad, steps, num_seeds, images_d, labels_d, device, dtype,
+                                cache)
                 rows.append(row)
                 if progress is not None:
                     progress(i, len(combos), row)
         finally:
+            cache.clear()
             _delete((images_d, labels_d))
     return fill_comparisons(rows)
 

@@ -7,10 +7,11 @@ Every source returns the same thing, a `Dataset` of uint8 images `(N, H, W)` and
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import dataclasses
 import gzip
 import hashlib
-import io
 import os
 import pathlib
 import pickle
@@ -137,6 +138,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # Python 3 pickles of byte strings (protocol 2); pure, runs no code
     }
 
     def find_class(self, module: str, name: str):
@@ -144,6 +146,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
         if name == "_reconstruct":
             return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, any version
+        if module == "_codecs":
+            return codecs.encode
         return getattr(np, name)
 
 
@@ -322,27 +326,47 @@ def tfds_is_prepared(name: str, data_dir: str | os.PathLike) -> bool:
 
 def _tfds_split(source) -> Split:
     """A TFDS random-access source of {'image': (28, 28, 1), 'label'} -> uint8/int32 arrays."""
-    n = len(source)
-    records = source.__getitems__(range(n)) if hasattr(source, "__getitems__") else [source[i] for i in range(n)]
+    records = [source[i] for i in range(len(source))]
     images = np.stack([np.asarray(r["image"], dtype=np.uint8).reshape(np.shape(r["image"])[:2]) for r in records])
     labels = np.asarray([r["label"] for r in records], dtype=np.int32)
     return Split(images, labels)
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """TFDS logs warnings about missing folders before it fails; the DataError says it better."""
+    from absl import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
+
+
 def load_tfds(name: str, data_dir: str | os.PathLike, download: bool = False) -> Dataset:
-    """A 28x28 grayscale TFDS dataset via `tfds.data_source` (no TensorFlow needed)."""
+    """A 28x28 grayscale TFDS dataset via `tfds.data_source` (no TensorFlow needed).
+
+    Without `download`, TFDS is never allowed to fetch anything: a dataset that is not prepared
+    in `data_dir` is a DataError naming the flag that allows the download.
+    """
     if name not in TFDS_DATASETS:
         raise DataError(f"unsupported TFDS dataset {name!r}; choose one of {', '.join(TFDS_DATASETS)}")
     import tensorflow_datasets as tfds
 
-    try:
-        sources = tfds.data_source(name, data_dir=os.fspath(data_dir), download=download)
-    except Exception as e:  # TFDS raises several types for a missing dataset; all mean the same here
-        if not download:
-            raise DataError(
-                f"TFDS dataset {name!r} is not prepared in {data_dir}; pass --tfds_download to download it "
-                "(needs network) or point --tfds_data_dir at a prepared copy"
-            ) from None
-        raise DataError(f"TFDS could not provide {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    num_classes = 10
-    return Dataset(name, "tfds", _tfds_split(sources["train"]), _tfds_split(sources["test"]), num_classes)
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            with _quiet_absl():
+                source = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=download)
+        except Exception as e:  # TFDS raises several types for a missing dataset; all mean the same here
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            if not download:
+                raise DataError(
+                    f"TFDS dataset {name!r} is not usable from {data_dir} ({reason}); pass --tfds_download to let "
+                    "TFDS download and prepare it (needs network), or point --tfds_data_dir at a prepared copy"
+                ) from None
+            raise DataError(f"TFDS could not provide {name!r}: {reason}") from None
+        splits[split] = _tfds_split(source)
+    return Dataset(name, "tfds", splits["train"], splits["test"], 10)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from digits import checkpoint, data, gradcheck, model, report, train
+from digits import bench, checkpoint, data, gradcheck, model, predict, report, train
 from digits.config import Config
 
 CONFIG_FILE = "config.json"
@@ -84,7 +84,8 @@ def prepare_workdir(workdir: pathlib.Path, config: Config, overwrite: bool, extr
         old = read_workdir_config(workdir)
         if old.training_fingerprint() != config.training_fingerprint():
             if not overwrite:
-                differs = sorted(k for k, v in config.to_dict().items() if old.to_dict().get(k) != v)
+                old_values, new_values = json.loads(old.training_fingerprint()), json.loads(config.training_fingerprint())
+                differs = sorted(k for k, v in new_values.items() if old_values.get(k) != v)
                 raise UsageError(
                     f"{workdir} holds a run with a different config ({', '.join(differs)} differ); "
                     "pass --overwrite to replace it or choose another --workdir"
@@ -143,6 +144,7 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True)
         self.position = initial
+        self.unit = unit
 
     def update(self, position: int, fields: dict) -> None:
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items() if v is not None}
@@ -150,7 +152,7 @@ class Progress:
             self.bar.update(position - self.position)
             self.bar.set_postfix(shown, refresh=False)
         else:
-            logging.info("step %d  %s", position, "  ".join(f"{k}={v}" for k, v in shown.items()))
+            logging.info("%s %d  %s", self.unit, position, "  ".join(f"{k}={v}" for k, v in shown.items()))
         self.position = position
 
     def close(self) -> None:
@@ -559,14 +561,10 @@ def run_eval(workdir: pathlib.Path) -> dict:
 
 def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool) -> tuple[dict, int]:
     """Classifies the user's image files; returns (predictions, number of files that failed)."""
-    from digits import predict
-
     try:
         paths = predict.find_images(images_spec)
     except predict.ImageError as e:
         raise UsageError(str(e)) from None
-    if not paths:
-        raise UsageError(f"no image files found in {images_spec!r}")
     config, splits, run, params = load_trained(workdir)
     apply = jax.jit(lambda p, u8: model.apply(p, model.scale_images(u8, run.dtype), run.spec))
 
@@ -574,16 +572,43 @@ def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool
         outputs = np.asarray(apply(params, jnp.asarray(images_u8)), np.float64)
         return outputs / outputs.sum(axis=1, keepdims=True)  # sigmoid outputs normalised for display
 
-    results, errors = predict.predict_files(paths, probabilities)
+    images, good, errors = predict.preprocess_files(paths)
+    results = predict.classify(images, good, probabilities)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     if results:
         print(predict.format_table(results))
     if save_preprocessed and results:
-        good = [pathlib.Path(r["file"]) for r in results]
-        written = predict.save_preprocessed(np.stack([predict.preprocess_file(p) for p in good]), good, workdir / "preprocessed")
+        written = predict.save_preprocessed(images, good, workdir / "preprocessed")
         print(f"Wrote {len(written)} preprocessed 28x28 images to {workdir / 'preprocessed'}")
     output = {"mode": "predict", "workdir": str(workdir), "predictions": results, "errors": errors}
     report.write_json(workdir / "predictions.json", output)
     print(f"Wrote {workdir / 'predictions.json'}")
     return output, len(errors)
+
+
+# --- benchmark -----------------------------------------------------------------------------------
+
+
+def run_benchmark(config: Config, bench_config, workdir: pathlib.Path) -> list[dict]:
+    """Times the training step over the sweep on the training split; writes csv, json and png."""
+    splits = load_splits(dataclasses.replace(config, layer_sizes=bench_config.layer_sizes[0]))
+    for sizes in bench_config.layer_sizes:
+        check_architecture(dataclasses.replace(config, layer_sizes=sizes), splits)
+    workdir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(bench_config.num_rows, 0, unit="row")
+
+    def on_row(index: int, total: int, row: dict) -> None:
+        progress.update(index, {"net": row["layer_sizes"], "batch": row["batch_size"], "grad": row["grad"],
+                                "ex/s": float(row["examples_per_s"])})
+
+    try:
+        rows = bench.run(bench_config, splits.train.images, splits.train.labels, progress=on_row)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        progress.close()
+    paths = bench.write_outputs(rows, workdir, bench_config)
+    print(bench.format_table(rows))
+    print(f"Wrote {', '.join(str(p) for p in paths.values())}")
+    return rows

@@ -97,7 +97,7 @@ def grad_function(grad: str):
 def grad_disagreement(manual, auto) -> tuple[jax.Array, jax.Array]:
     """Relative error ||m - a|| / ||a|| over the whole tree, and the max absolute error."""
     diff = jax.tree.map(lambda m, a: m - a, manual, auto)
-    rel = optax.global_norm(diff) / jnp.maximum(optax.global_norm(auto), jnp.finfo(optax.global_norm(auto).dtype).tiny)
+    rel = optax.tree.norm(diff) / jnp.maximum(optax.tree.norm(auto), jnp.finfo(optax.tree.norm(auto).dtype).tiny)
     max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(d)) for d in jax.tree.leaves(diff)]))
     return rel, max_abs
 
@@ -114,11 +114,12 @@ def make_train_chunk(spec: model.MLPSpec, tx, grad: str, batch_size: int, steps_
     audit = grad == "both" and audit_every > 0
 
     def batch_at(state, images, labels, perm):
+        """The step's batch: (x float (B, 784) in [0, 1], labels int32 (B,))."""
         if full_batch:
-            return images, labels
+            return images, labels  # already scaled once per chunk, see below
         start = (state.step % steps_per_epoch) * batch_size
         idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
-        return images[idx], labels[idx]
+        return model.scale_images(images[idx], dtype), labels[idx]
 
     def audit_step(state, batch, grads, stats):
         def compare(_):
@@ -136,8 +137,7 @@ def make_train_chunk(spec: model.MLPSpec, tx, grad: str, batch_size: int, steps_
     def chunk(state, images, labels, perm, num_steps):
         def body(_, carry):
             state, stats = carry
-            images_u8, y = batch_at(state, images, labels, perm)
-            batch = (model.scale_images(images_u8, dtype), y)
+            batch = batch_at(state, images, labels, perm)
             loss, grads = value_and_grad(state.params, batch, spec)
             if audit:
                 stats = audit_step(state, batch, grads, stats)
@@ -149,6 +149,8 @@ def make_train_chunk(spec: model.MLPSpec, tx, grad: str, batch_size: int, steps_
             )
             return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key), stats
 
+        if full_batch:  # every step reads the whole set: convert it once per chunk, not per step
+            images = model.scale_images(images, dtype)
         zero = jnp.zeros((), dtype)
         stats = ChunkStats(zero, jnp.asarray(-1, jnp.int32), jnp.zeros((), jnp.int32), zero, zero)
         return jax.lax.fori_loop(0, num_steps, body, (state, stats))

@@ -1,0 +1,264 @@
+"""Tests for digits.bench: the timing sweep, its derived columns, outputs and flag parsing.
+
+Offline and fast: synthetic uint8 images, tiny networks, a few repeats.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from digits import bench, train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N_IMAGES = 512
+MINI_BATCH = 128  # 4 steps per epoch on 512 images
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N_IMAGES, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, N_IMAGES).astype(np.int32)
+    return images, labels
+
+
+SWEEP = bench.BenchConfig(
+    layer_sizes=((784, 10, 10),),
+    batch_sizes=(MINI_BATCH, 0),
+    grads=("manual", "autodiff"),
+    steps_per_call=(1, 10),
+    num_seeds=(1, 2),
+    repeats=2,
+)
+
+
+@pytest.fixture(scope="module")
+def sweep(data):
+    calls = []
+    rows = bench.run(SWEEP, *data, progress=lambda i, total, row: calls.append((i, total, dict(row))))
+    return rows, calls
+
+
+def by(rows, **match):
+    found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, (match, found)
+    return found[0]
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def test_run_returns_one_well_formed_row_per_combination(sweep):
+    rows, _ = sweep
+    assert len(rows) == SWEEP.num_rows == 16
+    combos = {(r["batch_size"], r["grad"], r["steps_per_call_requested"], r["num_models"]) for r in rows}
+    assert len(combos) == 16  # every combination exactly once
+    for row in rows:
+        assert tuple(row) == bench.ROW_KEYS
+        assert row["layer_sizes"] == "784-10-10"
+        assert row["batch_size"] in (MINI_BATCH, N_IMAGES)  # full batch reports its actual size
+        assert row["dtype"] == "float32"
+        assert row["platform"] == "cpu" and row["device_kind"] and row["jax_version"]
+        assert row["compile_s"] > 0
+        assert 0 < row["step_time_min_s"] <= row["step_time_median_s"] <= row["step_time_max_s"]
+        assert 1 <= row["repeats"] <= SWEEP.repeats
+        assert 1 <= row["steps_per_call"] <= row["steps_per_call_requested"]
+        expected_examples = row["num_models"] * row["batch_size"] / row["step_time_median_s"]
+        assert row["examples_per_s"] == pytest.approx(expected_examples)
+        expected_gflops = train.flops_per_example((784, 10, 10)) * expected_examples / 1e9
+        assert row["gflops"] == pytest.approx(expected_gflops)
+        assert row["nonfinite_loss"] is False  # the small learning rate keeps the runs finite
+
+
+def test_mini_batch_calls_are_capped_at_one_epoch(sweep):
+    rows, _ = sweep
+    steps_per_epoch = N_IMAGES // MINI_BATCH
+    for row in rows:
+        if row["batch_size"] == MINI_BATCH and row["steps_per_call_requested"] == 10:
+            assert row["steps_per_call"] <= steps_per_epoch
+        if row["steps_per_call_requested"] == 1:
+            assert row["steps_per_call"] == 1
+
+
+def test_progress_is_called_after_every_row(sweep):
+    rows, calls = sweep
+    assert [c[0] for c in calls] == list(range(1, len(rows) + 1))
+    assert {c[1] for c in calls} == {len(rows)}
+    assert [c[2]["step_time_median_s"] for c in calls] == [r["step_time_median_s"] for r in rows]
+
+
+def test_comparison_columns_are_filled_from_partner_rows(sweep):
+    rows, _ = sweep
+    for row in rows:
+        same = {k: row[k] for k in ("batch_size", "steps_per_call_requested", "num_models")}
+        manual, auto = by(rows, grad="manual", **same), by(rows, grad="autodiff", **same)
+        assert row["manual_over_autodiff"] == pytest.approx(
+            manual["step_time_median_s"] / auto["step_time_median_s"]
+        )
+        one = by(rows, grad=row["grad"], batch_size=row["batch_size"],
+                 steps_per_call_requested=row["steps_per_call_requested"], num_models=1)
+        assert row["speedup_vs_one_model"] == pytest.approx(row["examples_per_s"] / one["examples_per_s"])
+        if row["num_models"] == 1:
+            assert row["speedup_vs_one_model"] == 1.0
+
+
+def test_comparison_columns_are_none_without_a_partner(sweep):
+    rows, _ = sweep
+    lonely = [dict(r) for r in rows if r["grad"] == "manual" and r["num_models"] == 2]
+    bench.fill_comparisons(lonely)
+    assert lonely and all(r["manual_over_autodiff"] is None for r in lonely)
+    assert all(r["speedup_vs_one_model"] is None for r in lonely)
+
+
+def test_timed_work_adapts_to_the_row_budget(data):
+    config = bench.BenchConfig(layer_sizes=((784, 10, 10),), batch_sizes=(0,), grads=("manual",),
+                               steps_per_call=(50,), repeats=3, max_row_seconds=1e-9)
+    (row,) = bench.run(config, *data)
+    assert row["steps_per_call_requested"] == 50
+    assert row["steps_per_call"] == 1 and row["repeats"] == 1  # even one step blows the budget
+
+
+def test_x64_on_an_explicit_platform(data):
+    config = bench.BenchConfig(layer_sizes=((784, 5, 10),), batch_sizes=(64,), grads=("autodiff",),
+                               steps_per_call=(3,), repeats=1, warmup=2, platform="cpu", x64=True)
+    (row,) = bench.run(config, *data)
+    assert row["dtype"] == "float64" and row["platform"] == "cpu"
+    assert row["steps_per_call"] == 3 and row["batch_size"] == 64
+    assert row["manual_over_autodiff"] is None and row["speedup_vs_one_model"] == 1.0
+    assert jnp.zeros(1).dtype == jnp.float32  # x64 is switched off again afterwards
+
+
+def test_run_rejects_layer_sizes_that_do_not_fit_the_data(data):
+    with pytest.raises(ValueError, match="must start with 784"):
+        bench.run(bench.BenchConfig(layer_sizes=((100, 10),)), *data)
+    with pytest.raises(ValueError, match="labels must lie"):
+        bench.run(bench.BenchConfig(layer_sizes=((784, 10, 5),)), *data)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"grads": ("both",)},
+    {"batch_sizes": (-1,)},
+    {"batch_sizes": ()},
+    {"steps_per_call": (0,)},
+    {"num_seeds": (0,)},
+    {"repeats": 0},
+    {"layer_sizes": ((784,),)},
+    {"platform": "abacus"},
+])
+def test_bench_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        bench.BenchConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def test_format_table_has_a_line_per_row(sweep):
+    rows, _ = sweep
+    lines = bench.format_table(rows).splitlines()
+    assert "examples/s" in lines[0] and "man/auto" in lines[0]
+    body = lines[2:2 + len(rows)]
+    assert len(body) == len(rows) and all("784-10-10" in line for line in body)
+    assert len({len(line) for line in lines[:2 + len(rows)]}) == 1  # fixed width
+    assert "10/10" in bench.format_table(rows)  # steps used / requested
+
+
+def test_write_outputs_writes_csv_json_and_png(sweep, tmp_path):
+    rows, _ = sweep
+    figures_before = len(plt.get_fignums())
+    paths = bench.write_outputs(rows, tmp_path / "out", bench=SWEEP)
+    assert set(paths) == {"csv", "json", "png"}
+
+    with open(paths["csv"], newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == bench.ROW_KEYS
+        table = list(reader)
+    assert len(table) == len(rows)
+    assert [float(r["step_time_median_s"]) for r in table] == pytest.approx([r["step_time_median_s"] for r in rows])
+    assert {r["grad"] for r in table} == {"manual", "autodiff"}
+
+    payload = json.loads(paths["json"].read_text())
+    assert len(payload["rows"]) == len(rows)
+    assert payload["rows"][0]["layer_sizes"] == "784-10-10"
+    assert payload["environment"]["jax_version"] == rows[0]["jax_version"]
+    assert payload["bench"]["repeats"] == SWEEP.repeats
+
+    png = paths["png"].read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 1000
+    assert len(plt.get_fignums()) == figures_before  # the figure was closed
+
+
+def test_csv_writes_missing_comparisons_as_empty(sweep, tmp_path):
+    rows, _ = sweep
+    lonely = bench.fill_comparisons([dict(rows[0])])  # no autodiff partner; is its own K=1 row
+    paths = bench.write_outputs(lonely, tmp_path)
+    with open(paths["csv"], newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["manual_over_autodiff"] == ""
+    assert row["speedup_vs_one_model"] == "1.0"
+
+
+def test_environment_describes_the_machine():
+    env = bench.environment()
+    assert env["backend"] == "cpu" and env["device_kind"]
+    assert env["cpu_count"] >= 1 and env["devices"]
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def test_parse_layer_sizes_list():
+    assert bench.parse_layer_sizes_list("784,10,10;784,30,10") == ((784, 10, 10), (784, 30, 10))
+    assert bench.parse_layer_sizes_list(" 784, 800 ,800,10 ") == ((784, 800, 800, 10),)
+    assert bench.parse_layer_sizes_list("784,10;") == ((784, 10),)
+
+
+@pytest.mark.parametrize("text", ["", ";", "784", "784,ten,10", "784,0,10", "784,10;;784,30", "784,-5,10", "784,1.5,10"])
+def test_parse_layer_sizes_list_rejects_bad_input(text):
+    with pytest.raises(ValueError, match="layer sizes"):
+        bench.parse_layer_sizes_list(text)
+
+
+def test_parse_batch_sizes():
+    assert bench.parse_batch_sizes("10,128,full") == (10, 128, 0)
+    assert bench.parse_batch_sizes("FULL") == (0,)
+    assert bench.parse_batch_sizes(" 1024 , 0") == (1024, 0)
+
+
+@pytest.mark.parametrize("text", ["", "10,", "ten", "-1", "10;128", "1e3", "full batch"])
+def test_parse_batch_sizes_rejects_bad_input(text):
+    with pytest.raises(ValueError, match="batch sizes"):
+        bench.parse_batch_sizes(text)
+
+
+def test_parse_positive_ints_and_grads():
+    assert bench.parse_positive_ints("1,100", "steps per call") == (1, 100)
+    assert bench.parse_grads("manual, autodiff") == ("manual", "autodiff")
+    with pytest.raises(ValueError, match="steps per call"):
+        bench.parse_positive_ints("1,0", "steps per call")
+    with pytest.raises(ValueError, match="grads"):
+        bench.parse_grads("manual,both")
+
+
+# ------------------------------------------------------------------------------ FLOP count
+
+
+def test_flops_per_example_matches_a_hand_count():
+    forward = 2 * (784 * 30 + 30 * 10)  # x @ W1, a1 @ W2
+    backward_dw = 2 * (784 * 30 + 30 * 10)  # dW1 = x^T dZ1, dW2 = a1^T dZ2
+    backward_da = 2 * (30 * 10)  # dA1 = dZ2 W2^T; no gradient w.r.t. the input
+    assert forward + backward_dw + backward_da == 95_880
+    assert train.flops_per_example((784, 30, 10)) == 95_880
+
+
+def test_flops_per_example_counts_input_gradients_only_past_the_first_layer():
+    products = 784 * 800 + 800 * 800 + 800 * 10
+    forward, backward_dw = 2 * products, 2 * products
+    backward_da = 2 * (800 * 800 + 800 * 10)  # dA2 and dA1, not dX
+    assert train.flops_per_example((784, 800, 800, 10)) == forward + backward_dw + backward_da == 6_396_800

@@ -1,0 +1,196 @@
+"""run_experiment.py end to end, as a user runs it (subprocesses, tiny configs, packaged MNIST)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from digits import checkpoint, report
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--train_examples=2000", "--validation_size=1000", "--layer_sizes=784,16,10", "--init=glorot",
+        "--optimizer=sgd", "--learning_rate=0.1", "--batch_size=50", "--epochs=2"]
+
+
+def run_cli(*args, cache_dir, check=True, timeout=300):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), f"--cache_dir={cache_dir}", *args],
+                            capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, mnist_splits):
+    # mnist_splits has already parsed the pickle; reuse its cache so each subprocess loads fast.
+    from digits import data
+
+    cache = tmp_path_factory.mktemp("cli_cache")
+    data.load("packaged", cache_dir=cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    workdir = tmp_path_factory.mktemp("run") / "w"
+    result = run_cli(*TINY, f"--workdir={workdir}", "--checkpoint_every=30", "--grad=both", "--audit_every=10",
+                     "--tensorboard", cache_dir=cache_dir)
+    return workdir, result
+
+
+def test_train_writes_every_output(trained):
+    workdir, result = trained
+    assert "Gradient check: PASS" in result.stdout
+    assert result.stdout.index("Gradient check") < result.stdout.index("Test accuracy")
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 80 and summary["config"]["layer_sizes"] == [784, 16, 10]
+    assert 0.7 < summary["final"]["test_accuracy"] <= 1.0
+    assert set(summary["timings"]) >= {"compile_s", "train_s", "eval_s", "total_s", "examples_per_s"}
+    assert summary["grad_audit"]["count"] == 8 and summary["grad_audit"]["max_relative_error"] < 1e-5
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["backend"] == "cpu" and "jax" in config["versions"] and config["devices"]
+    records = report.read_metrics(workdir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [40, 80]
+    for key in ("epoch", "loss", "train_accuracy", "validation_accuracy", "learning_rate", "examples_per_s",
+                "grad_audit_max_relative_error"):
+        assert key in records[-1]
+    for png in ("learning_curves.png", "confusion_matrix.png", "misclassified.png"):
+        assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((workdir / "tensorboard").iterdir())
+    assert checkpoint.list_steps(workdir / "checkpoints") == [30, 60, 80]
+
+
+def test_eval_mode_reports_per_class_accuracy(trained, cache_dir):
+    workdir, _ = trained
+    result = run_cli("--mode=eval", f"--workdir={workdir}", cache_dir=cache_dir)
+    evaluation = json.loads((workdir / "eval.json").read_text())
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert evaluation["test"]["accuracy"] == pytest.approx(summary["final"]["test_accuracy"], abs=1e-6)
+    assert len(evaluation["test"]["per_class_accuracy"]) == 10
+    assert np.sum(evaluation["test"]["confusion_matrix"]) == 10000
+    assert "test" in result.stdout
+
+
+def test_rerun_of_a_finished_run_resumes_without_training(trained, cache_dir):
+    workdir, _ = trained
+    result = run_cli(*TINY, f"--workdir={workdir}", "--checkpoint_every=30", "--grad=both", "--audit_every=10",
+                     cache_dir=cache_dir)
+    assert "Resuming from the checkpoint at step 80" in result.stdout
+
+
+def test_different_config_in_workdir_is_refused_then_overwritten(trained, cache_dir, tmp_path):
+    workdir, _ = trained
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    refused = run_cli(*TINY, "--learning_rate=0.5", f"--workdir={copy}", cache_dir=cache_dir, check=False)
+    assert refused.returncode != 0
+    assert "different config" in refused.stderr and "learning_rate" in refused.stderr and "Traceback" not in refused.stderr
+    run_cli(*TINY, "--learning_rate=0.5", "--epochs=1", f"--workdir={copy}", "--overwrite", cache_dir=cache_dir)
+    assert json.loads((copy / "summary.json").read_text())["config"]["learning_rate"] == 0.5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layer_sizes=784,30,9"], "must start with 784 and end with 10"),
+    (["--layer_sizes=784,x,10"], "comma-separated integers"),
+    (["--learning_rate=-1"], "learning_rate"),
+    (["--activation=gelu"], "activation"),
+    (["--batch_size=60000", "--optimizer=sgd"], "exceeds"),
+    (["--optimizer=gd", "--batch_size=10"], "full-batch"),
+    (["--data_source=idx"], "--idx_dir"),
+    (["--data_source=idx", "--idx_dir=/nonexistent"], "does not exist"),
+    (["--data_source=tfds", "--tfds_data_dir=/nonexistent"], "--tfds_download"),
+    (["--mode=eval", "--workdir=/nonexistent/run"], "no training run"),
+    (["--sweep_learning_rates=0.1,abc"], "sweep_learning_rates"),
+    (["--nosuchflag"], "nosuchflag"),
+])
+def test_invalid_input_is_one_line_and_non_zero(cache_dir, args, message):
+    result = run_cli(*args, "--workdir=/tmp/digits-test-never-written", cache_dir=cache_dir, check=False)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_divergence_exits_non_zero_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
+    workdir = tmp_path / "w"
+    run_cli(*TINY, "--epochs=1", f"--workdir={workdir}", cache_dir=cache_dir)
+    good = checkpoint.latest_step(workdir / "checkpoints")
+    before = (workdir / "checkpoints" / f"checkpoint_{good:08d}.npz").read_bytes()
+    # Same run, longer and with a huge learning rate via a fresh workdir copy: diverges after resume.
+    diverged = run_cli(*TINY, "--epochs=3", "--learning_rate=1e30", f"--workdir={workdir}", "--overwrite",
+                       "--checkpoint_every=20", cache_dir=cache_dir, check=False)
+    assert diverged.returncode == 1
+    assert "diverged" in diverged.stderr and "learning rate 1e+30" in diverged.stderr
+    assert "Traceback" not in diverged.stderr
+    # Diverged params are never checkpointed; what is there still loads.
+    steps = checkpoint.list_steps(workdir / "checkpoints")
+    assert all(s < 80 for s in steps)
+    assert before  # the pre-overwrite file was read intact
+
+
+def test_corrupt_checkpoint_is_reported_and_not_overwritten(trained, cache_dir, tmp_path):
+    workdir, _ = trained
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    latest = copy / "checkpoints" / "checkpoint_00000080.npz"
+    latest.write_bytes(latest.read_bytes()[:200])
+    result = run_cli(*TINY, f"--workdir={copy}", "--checkpoint_every=30", "--grad=both", "--audit_every=10",
+                     cache_dir=cache_dir, check=False)
+    assert result.returncode == 1 and "corrupt or truncated" in result.stderr and "checkpoint_00000080" in result.stderr
+    assert len(latest.read_bytes()) == 200
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(cache_dir, tmp_path):
+    args = ["--train_examples=5000", "--validation_size=1000", "--layer_sizes=784,32,10", "--init=glorot",
+            "--optimizer=momentum", "--learning_rate=0.01", "--batch_size=10", "--epochs=12",
+            "--checkpoint_every=500", "--eval_every=500"]
+    reference = tmp_path / "reference"
+    run_cli(*args, f"--workdir={reference}", cache_dir=cache_dir)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), f"--cache_dir={cache_dir}", *args,
+                                f"--workdir={killed}"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not checkpoint.list_steps(killed / "checkpoints"):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = checkpoint.latest_step(killed / "checkpoints")
+    assert killed_at is not None and killed_at < 6000, "the run finished before it could be killed"
+
+    resumed = run_cli(*args, f"--workdir={killed}", cache_dir=cache_dir)
+    assert f"Resuming from the checkpoint at step {killed_at}" in resumed.stdout
+    final = lambda w: json.loads((w / "summary.json").read_text())["final"]
+    assert final(killed) == final(reference)
+    steps = [r["step"] for r in report.read_metrics(killed / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 6000
+
+
+def test_gradcheck_mode_in_float64_passes(cache_dir, tmp_path):
+    result = run_cli("--mode=gradcheck", "--x64", "--layer_sizes=784,12,12,10", "--activation=tanh", "--output=sigmoid",
+                     "--cost=quadratic", "--gradcheck_examples=32", "--gradcheck_coords=5", f"--workdir={tmp_path}",
+                     cache_dir=cache_dir)
+    assert "Verdict: PASS" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["passed"] and summary["dtype"] == "float64"
+    auto = [leaf for leaf in summary["leaves"] if leaf["reference"] == "jax.grad"]
+    assert auto and max(leaf["relative_error"] for leaf in auto) <= 1e-10
+    assert any(leaf["reference"] == "finite_difference" for leaf in summary["leaves"])
+
+
+def test_help_documents_every_flag(cache_dir):
+    result = run_cli("--help", cache_dir=cache_dir, check=False)
+    for flag in ("--layer_sizes", "--grad", "--optimizer", "--schedule", "--num_seeds", "--bench_layer_sizes", "--images"):
+        assert flag in result.stdout

@@ -194,3 +194,94 @@ def test_help_documents_every_flag(cache_dir):
     result = run_cli("--help", cache_dir=cache_dir, check=False)
     for flag in ("--layer_sizes", "--grad", "--optimizer", "--schedule", "--num_seeds", "--bench_layer_sizes", "--images"):
         assert flag in result.stdout
+
+
+def _save_png(path, image_u8):
+    from PIL import Image
+
+    Image.fromarray(image_u8).save(path)
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory, cache_dir):
+    """A model good enough (~96%) that its predictions are not coin flips on borderline digits."""
+    workdir = tmp_path_factory.mktemp("predictor") / "w"
+    run_cli("--train_examples=20000", "--validation_size=1000", "--layer_sizes=784,64,10", "--init=he",
+            "--optimizer=adam", "--learning_rate=0.002", "--batch_size=100", "--epochs=3", f"--workdir={workdir}",
+            cache_dir=cache_dir)
+    return workdir, None
+
+
+def test_predict_on_saved_mnist_digits_agrees_with_the_model(predictor, cache_dir, mnist_splits, tmp_path):
+    """Test digits saved as PNG (white-on-black, black-on-white, shifted and rescaled) are
+    classified like the original arrays."""
+    import jax
+    import jax.numpy as jnp
+    from PIL import Image
+
+    from digits import experiment, model
+
+    workdir, _ = predictor
+    _, _, run, params = experiment.load_trained(workdir)
+    originals = mnist_splits.test.images[:12]
+    expected = np.asarray(jnp.argmax(model.logits(params, model.scale_images(jnp.asarray(originals)), run.spec), -1))
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, image in enumerate(originals):
+        _save_png(folder / f"d{i:02d}_white_on_black.png", image)
+        _save_png(folder / f"d{i:02d}_black_on_white.png", 255 - image)
+        big = np.asarray(Image.fromarray(255 - image).resize((84, 84), Image.BILINEAR))
+        canvas = np.full((150, 200), 255, np.uint8)
+        canvas[20:104, 90:174] = big  # off-centre, 3x larger, on a white page
+        _save_png(folder / f"d{i:02d}_shifted_scaled.png", canvas)
+    result = run_cli("--mode=predict", f"--workdir={workdir}", f"--images={folder}", "--save_preprocessed",
+                     cache_dir=cache_dir)
+    predictions = json.loads((workdir / "predictions.json").read_text())["predictions"]
+    assert len(predictions) == 36 and "d00_white_on_black.png" in result.stdout
+    agree = [p["prediction"] == expected[int(pathlib.Path(p["file"]).name[1:3])] for p in predictions]
+    assert np.mean(agree) >= 0.9, predictions
+    assert all(abs(sum(prob for _, prob in p["top_k"][:1]) - p["probability"]) < 1e-9 for p in predictions)
+    assert len(list((workdir / "preprocessed").glob("*.png"))) == 36
+
+
+def test_predict_reports_bad_files_and_still_classifies_the_rest(predictor, cache_dir, mnist_splits, tmp_path):
+    workdir, _ = predictor
+    good = tmp_path / "good.png"
+    _save_png(good, mnist_splits.test.images[0])
+    (tmp_path / "notes.png").write_text("this is not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    result = run_cli("--mode=predict", f"--workdir={workdir}",
+                     f"--images={good},{tmp_path / 'notes.png'},{tmp_path / 'empty.png'}", cache_dir=cache_dir, check=False)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and any("notes.png" in e for e in errors) and any("empty.png" in e for e in errors)
+    assert "Traceback" not in result.stderr
+    output = json.loads((workdir / "predictions.json").read_text())
+    assert [pathlib.Path(p["file"]).name for p in output["predictions"]] == ["good.png"]
+
+
+def test_num_seeds_and_learning_rate_sweep_report_spread(cache_dir, tmp_path):
+    run_cli(*TINY, "--epochs=1", "--num_seeds=2", "--sweep_learning_rates=0.05,0.2", f"--workdir={tmp_path}",
+            cache_dir=cache_dir)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    test = summary["across_models"]["test_accuracy"]
+    assert summary["num_models"] == 4 and len(test["values"]) == 4
+    assert test["min"] <= test["mean"] <= test["max"] and test["std"] >= 0
+    assert [(m["seed"], m["learning_rate"]) for m in summary["models"]] == [(0, 0.05), (1, 0.05), (0, 0.2), (1, 0.2)]
+
+
+def test_quick_benchmark_writes_table_csv_json_png(cache_dir, tmp_path):
+    import csv
+
+    from digits import bench
+
+    result = run_cli("--flagfile=experiments/benchmark_quick.cfg", f"--workdir={tmp_path}", cache_dir=cache_dir)
+    assert "man/auto" in result.stdout
+    with open(tmp_path / "benchmark.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == list(bench.ROW_KEYS)
+    assert {r["grad"] for r in rows} == {"manual", "autodiff"} and {r["num_models"] for r in rows} == {"1", "4"}
+    assert all(float(r["examples_per_s"]) > 0 and float(r["compile_s"]) > 0 for r in rows)
+    document = json.loads((tmp_path / "benchmark.json").read_text())
+    assert len(document["rows"]) == len(rows) and "jax_version" in document["rows"][0]
+    assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"

@@ -299,9 +299,12 @@ class Run:
                 ends.append(_next_multiple(step, every))
         return min(ends)
 
+    def schedule_multiplier(self, step: int) -> float:
+        return float(train.lr_multiplier(self.config, self.total_steps, self.steps_per_epoch)(step))
+
     def learning_rate(self, state, step: int) -> float:
-        multiplier = float(train.lr_multiplier(self.config, self.total_steps, self.steps_per_epoch)(step))
-        return _scalar(np.asarray(state.learning_rate)) * multiplier
+        """The effective learning rate at `step` (the mean over models for K models)."""
+        return _scalar(np.asarray(state.learning_rate)) * self.schedule_multiplier(step)
 
 
 def _device_splits(splits: data.Splits) -> dict:
@@ -334,9 +337,10 @@ def _check_divergence(run: Run, state, stats, diverged: np.ndarray, last_checkpo
     newly = (bad_steps >= 0) & ~diverged
     diverged = diverged | newly
     if newly.any():
-        rates = np.atleast_1d(np.asarray(state.learning_rate))
         lane = int(np.argmax(newly))
-        message = f"loss diverged (NaN or inf) at step {int(bad_steps[lane])} with learning rate {float(rates[lane]):g}"
+        bad_step = int(bad_steps[lane])
+        rate = float(np.atleast_1d(np.asarray(state.learning_rate))[lane]) * run.schedule_multiplier(bad_step)
+        message = f"loss diverged (NaN or inf) at step {bad_step} with learning rate {rate:g}"
         if diverged.all():
             kept = f"the last good checkpoint (step {last_checkpoint}) is intact in {ckpt_dir}" if last_checkpoint is not None else "no checkpoint was written"
             raise TrainingDiverged(f"{message}; {kept}; try a smaller --learning_rate")

@@ -196,7 +196,9 @@ def make_evaluate(spec: model.MLPSpec, dtype, eval_batch: int = 10000):
 
 
 def steps_per_epoch(train_size: int, batch_size: int) -> int:
-    """Full batch (0 or >= n) is one step per epoch; otherwise the remainder is dropped."""
+    """Full batch (0 or n) is one step per epoch; otherwise the remainder is dropped."""
+    if not 0 <= batch_size <= train_size:
+        raise ValueError(f"batch_size={batch_size} must be in [0, {train_size}] (0: full batch)")
     return 1 if batch_size in (0, train_size) else train_size // batch_size
 
 

@@ -1,5 +1,6 @@
 """run_experiment.py end to end, as a user runs it (subprocesses, tiny configs, packaged MNIST)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -121,20 +122,42 @@ def test_invalid_input_is_one_line_and_non_zero(cache_dir, args, message):
 
 
 def test_divergence_exits_non_zero_and_keeps_last_good_checkpoint(cache_dir, tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from digits import experiment
+
+    # The learning rate grows 10x every 10 steps: good checkpoints first, then NaN/inf.
     workdir = tmp_path / "w"
-    run_cli(*TINY, "--epochs=1", f"--workdir={workdir}", cache_dir=cache_dir)
-    good = checkpoint.latest_step(workdir / "checkpoints")
-    before = (workdir / "checkpoints" / f"checkpoint_{good:08d}.npz").read_bytes()
-    # Same run, longer and with a huge learning rate via a fresh workdir copy: diverges after resume.
-    diverged = run_cli(*TINY, "--epochs=3", "--learning_rate=1e30", f"--workdir={workdir}", "--overwrite",
-                       "--checkpoint_every=20", cache_dir=cache_dir, check=False)
-    assert diverged.returncode == 1
-    assert "diverged" in diverged.stderr and "learning rate 1e+30" in diverged.stderr
+    diverged = run_cli(*TINY, "--epochs=10", "--schedule=exponential", "--decay_rate=10", "--decay_steps=10",
+                       "--checkpoint_every=20", f"--workdir={workdir}", cache_dir=cache_dir, check=False)
+    assert diverged.returncode == 1, diverged.stderr
+    lines = [line for line in diverged.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "diverged" in lines[0] and "at step" in lines[0] and "learning rate" in lines[0]
     assert "Traceback" not in diverged.stderr
-    # Diverged params are never checkpointed; what is there still loads.
-    steps = checkpoint.list_steps(workdir / "checkpoints")
-    assert all(s < 80 for s in steps)
-    assert before  # the pre-overwrite file was read intact
+    good = checkpoint.latest_step(workdir / "checkpoints")
+    assert good is not None and good >= 20 and f"step {good})" in lines[0]
+    config = experiment.read_workdir_config(workdir)
+    run = experiment.Run.create(config, experiment.load_splits(dataclasses.replace(config, cache_dir=str(cache_dir))))
+    state, _ = checkpoint.restore(workdir / "checkpoints", run.init_state())
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(cache_dir, tmp_path):
+    args = ["--train_examples=5000", "--validation_size=1000", "--layer_sizes=784,32,10", "--init=glorot",
+            "--optimizer=sgd", "--batch_size=10", "--epochs=200", "--checkpoint_every=500", f"--workdir={tmp_path}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), f"--cache_dir={cache_dir}", *args],
+                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not checkpoint.list_steps(tmp_path / "checkpoints"):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "Traceback" not in stderr
+    step = int(stderr.split("interrupted at step ")[1].split(";")[0])
+    assert checkpoint.latest_step(tmp_path / "checkpoints") == step
 
 
 def test_corrupt_checkpoint_is_reported_and_not_overwritten(trained, cache_dir, tmp_path):

@@ -14,6 +14,10 @@ Each row of a sweep times the real training program: the chunk built by
    probe counts as one when the plan is 1 step per call), then `repeats` timed calls, each
    ended by `jax.block_until_ready`.
 
+Rows that differ only in the gradient method are timed together, with the same plan and their
+timed calls interleaved (manual, autodiff, manual, ...), so that the manual/autodiff ratio is
+not skewed by the machine's speed drifting between rows.
+
 Step times are call times divided by the steps in the call. The requested steps per call is
 kept in `steps_per_call_requested`; `steps_per_call` and `repeats` are what was run.
 
@@ -242,86 +246,105 @@ def _delete(tree) -> None:
             leaf.delete()
 
 
-def _time_row(bench: BenchConfig, sizes, batch_size: int, grad: str, steps_requested: int, num_seeds: int,
-              images, labels, device, dtype, cache: dict) -> dict:
-    """Times one row. `cache` maps the program's key to (compiled, compile_s): rows that differ
-    only in steps per call run the same program (the trip count is traced), compiled once."""
-    n = int(images.shape[0])
-    full = batch_size == 0 or batch_size >= n
-    batch = n if full else batch_size
-    config = Config(
-        layer_sizes=tuple(sizes), activation=bench.activation, grad=grad, optimizer=bench.optimizer,
-        learning_rate=bench.learning_rate, batch_size=0 if full else batch, x64=bench.x64, num_seeds=num_seeds,
-    )
-    spe = train.steps_per_epoch(n, config.batch_size)
-    spec = config.spec(n)
-    tx = train.make_optimizer(config, train.total_steps(config, n), spe)
-    vmapped = config.num_models > 1
-    if vmapped:
-        state = train.init_states(config, spec, tx, dtype)
-        perm = jax.vmap(lambda key: train.epoch_permutation(key, 0, n))(state.data_key)
-    else:
-        state = train.init_state(config.seed, config.learning_rate, spec, tx, dtype)
-        perm = train.epoch_permutation(state.data_key, 0, n)
-    state, perm = jax.device_put((state, perm), device)
-    step_shape = np.shape(state.step)
-    chunk = train.make_train_chunk(spec, tx, grad, batch, spe, full, 0, dtype)
-    key = (tuple(sizes), batch, grad, config.num_models, jnp.dtype(dtype).name)
-    stats_seen = []
-    host_step = 0
-    try:
+class _RowTimer:
+    """One row's compiled program and state, callable for `steps` steps; knows its own plan."""
+
+    def __init__(self, bench: BenchConfig, sizes, batch_size: int, grad: str, num_seeds: int,
+                 images, labels, device, dtype, cache: dict):
+        n = int(images.shape[0])
+        self.full = batch_size == 0 or batch_size >= n
+        self.batch = n if self.full else batch_size
+        self.config = Config(
+            layer_sizes=tuple(sizes), activation=bench.activation, grad=grad, optimizer=bench.optimizer,
+            learning_rate=bench.learning_rate, batch_size=0 if self.full else self.batch, x64=bench.x64,
+            num_seeds=num_seeds,
+        )
+        self.spe = train.steps_per_epoch(n, self.config.batch_size)
+        spec = self.config.spec(n)
+        tx = train.make_optimizer(self.config, train.total_steps(self.config, n), self.spe)
+        self.vmapped = self.config.num_models > 1
+        if self.vmapped:
+            state = train.init_states(self.config, spec, tx, dtype)
+            perm = jax.vmap(lambda key: train.epoch_permutation(key, 0, n))(state.data_key)
+        else:
+            state = train.init_state(self.config.seed, self.config.learning_rate, spec, tx, dtype)
+            perm = train.epoch_permutation(state.data_key, 0, n)
+        self.state, self.perm = jax.device_put((state, perm), device)
+        self.images, self.labels, self.device = images, labels, device
+        self.host_step, self.stats_seen = 0, []
+        key = (tuple(sizes), self.batch, grad, self.config.num_models, jnp.dtype(dtype).name)
         if key not in cache:
-            cache.clear()  # frees the previous program
+            chunk = train.make_train_chunk(spec, tx, grad, self.batch, self.spe, self.full, 0, dtype)
             t0 = time.perf_counter()
-            compiled = train.compile_chunk(chunk, state, images, labels, perm, vmapped)
+            compiled = train.compile_chunk(chunk, self.state, images, labels, self.perm, self.vmapped)
             cache[key] = (compiled, time.perf_counter() - t0)
-        compiled, compile_s = cache[key]
+        self.compiled, self.compile_s = cache[key]
 
-        def call(steps: int) -> float:
-            nonlocal state, host_step
-            if not full and host_step % spe + steps > spe:  # rewind rather than cross an epoch
-                state = state._replace(step=jax.device_put(np.zeros(step_shape, np.int32), device))
-                jax.block_until_ready(state.step)
-                host_step = 0
-            t = time.perf_counter()
-            state, stats = compiled(state, images, labels, perm, np.int32(steps))
-            jax.block_until_ready((state, stats))
-            elapsed = time.perf_counter() - t
-            host_step += steps
-            stats_seen.append(stats.first_bad_step)
-            return elapsed
+    def __call__(self, steps: int) -> float:
+        """Runs `steps` steps; returns the seconds they took (ended by block_until_ready)."""
+        if not self.full and self.host_step % self.spe + steps > self.spe:  # rewind rather than cross an epoch
+            self.state = self.state._replace(step=jax.device_put(np.zeros(np.shape(self.state.step), np.int32), self.device))
+            jax.block_until_ready(self.state.step)
+            self.host_step = 0
+        t = time.perf_counter()
+        self.state, stats = self.compiled(self.state, self.images, self.labels, self.perm, np.int32(steps))
+        jax.block_until_ready((self.state, stats))
+        elapsed = time.perf_counter() - t
+        self.host_step += steps
+        self.stats_seen.append(stats.first_bad_step)
+        return elapsed
 
-        cap = steps_requested if full else min(steps_requested, spe)
+    def close(self) -> None:
+        _delete((self.state, self.perm))
 
-        def plan(step_s: float) -> tuple[int, int]:
-            """(steps per call, repeats) keeping repeats * steps * step_s near the row budget."""
-            steps = max(1, min(cap, int(bench.max_row_seconds / (bench.repeats * step_s))))
-            if steps > 1:
-                return steps, bench.repeats
-            return 1, max(1, min(bench.repeats, int(bench.max_row_seconds / step_s)))
 
-        steps, repeats = plan(call(1))  # a 1-step probe; it overestimates (it pays dispatch)
-        # Warm-up calls at the planned length refine the plan; when that length is one step the
-        # probe was an identical call, so it counts as the first warm-up.
+def _plan(bench: BenchConfig, cap: int, step_s: float) -> tuple[int, int]:
+    """(steps per call, repeats) keeping repeats * steps * step_s near each row's budget."""
+    steps = max(1, min(cap, int(bench.max_row_seconds / (bench.repeats * step_s))))
+    if steps > 1:
+        return steps, bench.repeats
+    return 1, max(1, min(bench.repeats, int(bench.max_row_seconds / step_s)))
+
+
+def _time_group(bench: BenchConfig, sizes, batch_size: int, grads, steps_requested: int, num_seeds: int,
+                images, labels, device, dtype, cache: dict) -> list[dict]:
+    """Times the rows that differ only in the gradient method, interleaving their timed calls
+    (manual, autodiff, manual, ...) so that drift in the machine's speed hits both alike.
+    `cache` maps a program's key to (compiled, compile_s): rows that differ only in steps per
+    call run the same program (the trip count is traced), compiled once."""
+    if len(cache) > 2 * len(grads):
+        cache.clear()  # frees programs of earlier groups
+    timers = [_RowTimer(bench, sizes, batch_size, g, num_seeds, images, labels, device, dtype, cache) for g in grads]
+    try:
+        first = timers[0]
+        cap = steps_requested if first.full else min(steps_requested, first.spe)
+        slowest = max(timer(1) for timer in timers)  # a 1-step probe; it overestimates (it pays dispatch)
+        steps, repeats = _plan(bench, cap, slowest)
         for _ in range(bench.warmup - 1 if steps == 1 else bench.warmup):
-            steps, repeats = plan(call(steps) / steps)
-        times = [call(steps) / steps for _ in range(repeats)]
-        nonfinite = bool(any(np.any(np.asarray(s) >= 0) for s in stats_seen))
+            steps, repeats = _plan(bench, cap, max(timer(steps) / steps for timer in timers))
+        times = {id(t): [] for t in timers}
+        for _ in range(repeats):
+            for timer in timers:
+                times[id(timer)].append(timer(steps) / steps)
+        return [_row(timer, sizes, steps, steps_requested, repeats, times[id(timer)], dtype, device) for timer in timers]
     finally:
-        _delete((state, perm))
+        for timer in timers:
+            timer.close()
 
+
+def _row(timer: _RowTimer, sizes, steps: int, steps_requested: int, repeats: int, times, dtype, device) -> dict:
     median = statistics.median(times)
-    examples_per_step = config.num_models * batch
+    examples_per_step = timer.config.num_models * timer.batch
     return {
         "layer_sizes": _layer_name(sizes),
-        "batch_size": batch,
-        "grad": grad,
+        "batch_size": timer.batch,
+        "grad": timer.config.grad,
         "steps_per_call": steps,
         "steps_per_call_requested": steps_requested,
-        "num_models": config.num_models,
+        "num_models": timer.config.num_models,
         "repeats": repeats,
         "dtype": jnp.dtype(dtype).name,
-        "compile_s": compile_s,
+        "compile_s": timer.compile_s,
         "step_time_median_s": median,
         "step_time_min_s": min(times),
         "step_time_max_s": max(times),
@@ -329,7 +352,7 @@ def _time_row(bench: BenchConfig, sizes, batch_size: int, grad: str, steps_reque
         "gflops": train.flops_per_example(sizes) * examples_per_step / median / 1e9,
         "manual_over_autodiff": None,
         "speedup_vs_one_model": None,
-        "nonfinite_loss": nonfinite,
+        "nonfinite_loss": bool(any(np.any(np.asarray(s) >= 0) for s in timer.stats_seen)),
         "device_kind": device.device_kind,
         "platform": device.platform,
         "jax_version": jax.__version__,
@@ -380,19 +403,18 @@ def run(bench: BenchConfig, images, labels, progress: Progress | None = None) ->
 
     device = _device(bench.platform)
     x64 = jax.enable_x64(True) if bench.x64 else contextlib.nullcontext()
-    combos = list(itertools.product(bench.layer_sizes, bench.batch_sizes, bench.grads, bench.num_seeds,
-                                    bench.steps_per_call))
+    groups = list(itertools.product(bench.layer_sizes, bench.batch_sizes, bench.num_seeds, bench.steps_per_call))
     rows, cache = [], {}
     with x64, jax.default_device(device):
         dtype = jnp.float64 if bench.x64 else jnp.float32
         images_d, labels_d = jax.device_put((images, labels), device)
         try:
-            for i, (sizes, batch_size, grad, num_seeds, steps) in enumerate(combos, start=1):
-                row = _time_row(bench, sizes, batch_size, grad, steps, num_seeds, images_d, labels_d, device, dtype,
-                                cache)
-                rows.append(row)
-                if progress is not None:
-                    progress(i, len(combos), row)
+            for sizes, batch_size, num_seeds, steps in groups:
+                for row in _time_group(bench, sizes, batch_size, bench.grads, steps, num_seeds, images_d, labels_d,
+                                       device, dtype, cache):
+                    rows.append(row)
+                    if progress is not None:
+                        progress(len(rows), bench.num_rows, row)
         finally:
             cache.clear()
             _delete((images_d, labels_d))

@@ -111,7 +111,9 @@ def config_from_flags() -> config_lib.Config:
         raise FlagError(f"--layer_sizes must be comma-separated integers, got {','.join(FLAGS.layer_sizes)}") from None
     if len(layer_sizes) < 2 or min(layer_sizes) < 1:
         raise FlagError("--layer_sizes needs at least an input and an output width, all >= 1")
-    if FLAGS.dataset in data.TFDS_DATASETS and (layer_sizes[0] != 784 or layer_sizes[-1] != 10):
+    # MNIST-family datasets are 28x28 with 10 classes; IDX files may hold other shapes, which are
+    # checked against the loaded data instead.
+    if FLAGS.data_source != "idx" and (layer_sizes[0] != 784 or layer_sizes[-1] != 10):
         raise FlagError(f"--layer_sizes must start with 784 and end with 10 for {FLAGS.dataset}, got {','.join(map(str, layer_sizes))}")
     if FLAGS.optimizer == "gd" and FLAGS.batch_size:
         raise FlagError("--optimizer=gd is full-batch gradient descent: leave --batch_size at 0 or use --optimizer=sgd")

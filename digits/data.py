@@ -302,8 +302,8 @@ def load_idx(directory: str | os.PathLike, name: str = "mnist") -> Dataset:
     test = _load_idx_split(directory, IDX_FILES["test_images"], IDX_FILES["test_labels"])
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DataError(f"{directory}: train images are {train.images.shape[1:]} but test images are {test.images.shape[1:]}")
-    num_classes = int(max(train.labels.max(initial=0), test.labels.max(initial=0))) + 1
-    return Dataset(name, "idx", train, test, max(num_classes, 10))
+    num_classes = int(max(train.labels.max(initial=0), test.labels.max(initial=0))) + 1  # labels are 0..C-1
+    return Dataset(name, "idx", train, test, num_classes)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:

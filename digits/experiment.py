@@ -121,9 +121,9 @@ def load_splits(config: Config) -> data.Splits:
 
 def check_architecture(config: Config, splits: data.Splits) -> None:
     pixels = int(np.prod(splits.train.images.shape[1:]))
-    if config.layer_sizes[0] != pixels or config.layer_sizes[-1] != splits.num_classes:
+    if config.layer_sizes[0] != pixels or config.layer_sizes[-1] < splits.num_classes:
         raise UsageError(
-            f"layer_sizes must start with {pixels} (pixels) and end with {splits.num_classes} (classes) "
+            f"layer_sizes must start with {pixels} (pixels) and end with at least {splits.num_classes} (classes) "
             f"for {splits.name}, got {','.join(map(str, config.layer_sizes))}"
         )
     batch = config.batch_size
@@ -246,7 +246,9 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
     """On resume, drop records a killed run logged after its last checkpoint."""
     if path.exists():
         kept = [r for r in report.read_metrics(path) if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        partial = path.with_name(path.name + ".tmp")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        partial.replace(path)  # atomic: a crash here leaves the old file, never half of one
 
 
 @dataclasses.dataclass
@@ -348,6 +350,25 @@ def _check_divergence(run: Run, state, stats, diverged: np.ndarray, last_checkpo
     return diverged
 
 
+def _accumulate_audit(audit: dict, stats: train.ChunkStats) -> None:
+    """Folds one chunk's manual-vs-jax.grad audit (worst over models) into the run's."""
+    audit["count"] += int(np.max(stats.audit_count))
+    audit["max_relative_error"] = max(audit["max_relative_error"], float(np.max(stats.audit_max_rel_error)))
+    audit["max_abs_error"] = max(audit["max_abs_error"], float(np.max(stats.audit_max_abs_error)))
+
+
+def _metrics_record(run: Run, state, step: int, loss: float, results: dict, examples_per_s: float) -> dict:
+    """One line of metrics.jsonl (K models: means over the models that did not diverge)."""
+    return {
+        "step": step, "epoch": step / run.steps_per_epoch, "loss": loss,
+        "train_accuracy": _scalar(results["train_accuracy"]),
+        "validation_accuracy": _scalar(results.get("validation_accuracy", math.nan)),
+        "validation_loss": _scalar(results.get("validation_loss", math.nan)),
+        "learning_rate": run.learning_rate(state, step),
+        "examples_per_s": examples_per_s,
+    }
+
+
 def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False, tensorboard: bool = False) -> dict:
     """Trains (or resumes) a run in `workdir` and writes metrics, checkpoints, plots and summary."""
     started = time.perf_counter()
@@ -386,6 +407,9 @@ def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False,
     diverged = np.zeros(config.num_models, bool)
     train_s, steps_done, loss_sum, loss_steps, last_checkpoint = 0.0, 0, 0.0, 0, restored
     audit = {"count": 0, "max_relative_error": 0.0, "max_abs_error": 0.0}
+    auditing = config.grad == "both" and config.audit_every > 0
+    save = lambda at: checkpoint.save(ckpt_dir, at, state, {"fingerprint": config.training_fingerprint()},
+                                      config.keep_checkpoints)
     progress = Progress(run.total_steps, step)
     tb = report.TensorBoardWriter(workdir / "tensorboard") if tensorboard else None
     try:
@@ -403,27 +427,19 @@ def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False,
                 diverged = _check_divergence(run, state, stats, diverged, last_checkpoint, ckpt_dir)
                 loss_sum += np.where(diverged, 0.0, np.atleast_1d(stats.loss_sum)).sum() / max((~diverged).sum(), 1)
                 loss_steps += end - step
-                if config.grad == "both" and config.audit_every:
-                    audit["count"] += int(np.max(stats.audit_count))
-                    audit["max_relative_error"] = max(audit["max_relative_error"], float(np.max(stats.audit_max_rel_error)))
-                    audit["max_abs_error"] = max(audit["max_abs_error"], float(np.max(stats.audit_max_abs_error)))
+                if auditing:
+                    _accumulate_audit(audit, stats)
                 step = end
                 if config.checkpoint_every and step % config.checkpoint_every == 0 or stop["signal"]:
-                    checkpoint.save(ckpt_dir, step, state, {"fingerprint": config.training_fingerprint()}, config.keep_checkpoints)
+                    save(step)
                     last_checkpoint = step
                 if stop["signal"]:
                     raise Interrupted(f"interrupted at step {step}; checkpoint saved in {ckpt_dir}; re-run the same command to resume")
                 if step % run.eval_every == 0 or step == run.total_steps:
                     results = _evaluate_splits(evaluator, state.params, device, ("train_subset", "validation"))
-                    record = {
-                        "step": step, "epoch": step / run.steps_per_epoch, "loss": loss_sum / max(loss_steps, 1),
-                        "train_accuracy": _scalar(results["train_accuracy"]),
-                        "validation_accuracy": _scalar(results.get("validation_accuracy", math.nan)),
-                        "validation_loss": _scalar(results.get("validation_loss", math.nan)),
-                        "learning_rate": run.learning_rate(state, step),
-                        "examples_per_s": steps_done * batch_size * config.num_models / max(train_s, 1e-9),
-                    }
-                    if config.grad == "both" and config.audit_every:
+                    record = _metrics_record(run, state, step, loss_sum / max(loss_steps, 1), results,
+                                             steps_done * batch_size * config.num_models / max(train_s, 1e-9))
+                    if auditing:
                         record.update({f"grad_audit_{k}": v for k, v in audit.items()})
                     metrics.write(record)
                     if tb:
@@ -431,7 +447,7 @@ def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False,
                     progress.update(step, {"loss": record["loss"], "val_acc": record["validation_accuracy"]})
                     loss_sum, loss_steps = 0.0, 0
             if last_checkpoint != step:
-                checkpoint.save(ckpt_dir, step, state, {"fingerprint": config.training_fingerprint()}, config.keep_checkpoints)
+                save(step)
     finally:
         progress.close()
         if tb:
@@ -455,7 +471,7 @@ def _final_summary(run: Run, workdir, state, final: dict, diverged, gradient_che
     test_predictions = final["test_predictions"]
     first = test_predictions[0] if run.vmapped else test_predictions
     test = run.splits.test
-    cm = report.confusion_matrix(test.labels, first, run.splits.num_classes)
+    cm = report.confusion_matrix(test.labels, first, run.spec.layer_sizes[-1])
     report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
     report.plot_misclassified(test.images, test.labels, first, workdir / "misclassified.png")
     report.plot_learning_curves(report.read_metrics(workdir / METRICS_FILE), workdir / "learning_curves.png")
@@ -493,7 +509,9 @@ def _print_final(summary: dict, workdir: pathlib.Path) -> None:
     print(f"\nValidation accuracy: {final.get('validation_accuracy', math.nan):.4f}")
     print(f"Test accuracy:       {final['test_accuracy']:.4f}{spread}")
     if timings["steps_timed"]:
-        print(f"Trained {timings['steps_timed']} steps in {timings['train_s']:.2f} s ({timings['seconds_per_epoch']:.3f} s/epoch, "
+        pace = (f"{timings['seconds_per_step'] * 1e3:.1f} ms/step" if summary["config"]["batch_size"] == 0
+                else f"{timings['seconds_per_epoch']:.3f} s/epoch")
+        print(f"Trained {timings['steps_timed']} steps in {timings['train_s']:.2f} s ({pace}, "
               f"{timings['examples_per_s']:.0f} examples/s) after {timings['compile_s']:.2f} s of compilation")
     print(f"Outputs in {workdir}", flush=True)
 
@@ -545,12 +563,13 @@ def run_eval(workdir: pathlib.Path) -> dict:
     device = _device_splits(splits)
     results = _evaluate_splits(evaluator, params, device, ("validation", "test"))
     summary = {"mode": "eval", "workdir": str(workdir)}
-    print(f"{'split':<12} {'loss':>8} {'accuracy':>9}   per-class accuracy (0..{splits.num_classes - 1})")
+    num_classes = run.spec.layer_sizes[-1]
+    print(f"{'split':<12} {'loss':>8} {'accuracy':>9}   per-class accuracy (0..{num_classes - 1})")
     for name in ("validation", "test"):
         if f"{name}_accuracy" not in results:
             continue
         labels = getattr(splits, name).labels
-        cm = report.confusion_matrix(labels, results[f"{name}_predictions"], splits.num_classes)
+        cm = report.confusion_matrix(labels, results[f"{name}_predictions"], num_classes)
         per_class = report.per_class_accuracy(cm)
         summary[name] = {"loss": float(results[f"{name}_loss"]), "accuracy": float(results[f"{name}_accuracy"]),
                          "per_class_accuracy": per_class.tolist(), "confusion_matrix": cm.tolist()}
@@ -570,6 +589,8 @@ def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool
     except predict.ImageError as e:
         raise UsageError(str(e)) from None
     config, splits, run, params = load_trained(workdir)
+    if config.layer_sizes[0] != predict.MNIST_SIZE ** 2:
+        raise UsageError(f"predict makes 28x28 MNIST-style inputs, but the model in {workdir} takes {config.layer_sizes[0]} inputs")
     apply = jax.jit(lambda p, u8: model.apply(p, model.scale_images(u8, run.dtype), run.spec))
 
     def probabilities(images_u8: np.ndarray) -> np.ndarray:

@@ -308,3 +308,27 @@ def test_quick_benchmark_writes_table_csv_json_png(cache_dir, tmp_path):
     document = json.loads((tmp_path / "benchmark.json").read_text())
     assert len(document["rows"]) == len(rows) and "jax_version" in document["rows"][0]
     assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_idx_dataset_of_another_shape_trains_end_to_end(cache_dir, tmp_path):
+    """IDX files are not only MNIST: 20x20 images of 3 classes need --layer_sizes=400,...,3."""
+    from digits import data
+
+    rng = np.random.default_rng(0)
+    templates = rng.integers(0, 256, (3, 20, 20))
+    for split, n in (("train", 600), ("test", 90)):
+        labels = rng.integers(0, 3, n).astype(np.uint8)
+        noise = rng.integers(-40, 40, (n, 20, 20))
+        images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+        stem = "train" if split == "train" else "t10k"
+        data.write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", images)
+        data.write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", labels)
+    args = ["--data_source=idx", f"--idx_dir={tmp_path}", "--validation_size=100", "--optimizer=sgd", "--batch_size=20",
+            "--epochs=3", "--init=glorot"]
+    wrong = run_cli(*args, "--layer_sizes=784,16,10", f"--workdir={tmp_path / 'wrong'}", cache_dir=cache_dir, check=False)
+    assert wrong.returncode == 1 and "must start with 400" in wrong.stderr
+    run_cli(*args, "--layer_sizes=400,16,3", f"--workdir={tmp_path / 'run'}", cache_dir=cache_dir)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final"]["test_accuracy"] > 0.9 and len(summary["per_class_test_accuracy"]) == 3
+    evaluation = run_cli("--mode=eval", f"--workdir={tmp_path / 'run'}", cache_dir=cache_dir)
+    assert "0..2" in evaluation.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,18 @@ def compare_vectors(manual: np.ndarray, reference: np.ndarray) -> tuple[float, f
     return float(np.max(np.abs(diff), initial=0.0)), float(np.linalg.norm(diff) / scale), cosine
 
 
+def _full_precision(fn):
+    """On GPU, float32 matmuls default to TF32 (10-bit mantissa): comparisons run at full precision."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_full_precision
 def against_autodiff(params, batch, spec: model.MLPSpec) -> list[LeafReport]:
     """Per-leaf comparison of backprop.value_and_grad with jax.value_and_grad (and the loss value)."""
     dtype = jnp.result_type(jax.tree.leaves(params)[0]).name
@@ -61,6 +74,7 @@ def against_autodiff(params, batch, spec: model.MLPSpec) -> list[LeafReport]:
     return reports
 
 
+@_full_precision
 def against_finite_differences(params, batch, spec: model.MLPSpec, key, coords_per_leaf: int = 20) -> list[LeafReport]:
     """Central differences (f(p + h e_i) - f(p - h e_i)) / 2h on sampled coordinates of each leaf."""
     dtype = jnp.result_type(jax.tree.leaves(params)[0]).name

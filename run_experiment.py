@@ -178,10 +178,7 @@ def run(mode: str) -> int:
         _, failures = experiment.run_predict(workdir, FLAGS.images, FLAGS.save_preprocessed)
         return 1 if failures else 0
     else:
-        from digits import bench
-
-        bench_config = bench_config_from_flags()
-        experiment.run_benchmark(config_from_flags(), bench_config, workdir)
+        experiment.run_benchmark(config_from_flags(), bench_config_from_flags(), workdir)
     return 0
 
 

@@ -79,7 +79,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def training_fingerprint(self) -> str:
-        """What must match for a workdir to be resumed (paths and bookkeeping may differ)."""
+        """What must match for a workdir to be resumed (paths and bookkeeping may differ).
+
+        The length of training may change (to train a finished run longer) unless a schedule
+        depends on it.
+        """
         ignored = {"cache_dir", "idx_dir", "tfds_data_dir", "tfds_download", "checkpoint_every",
-                   "keep_checkpoints", "eval_every", "steps_per_call", "epochs", "steps"}
+                   "keep_checkpoints", "eval_every", "steps_per_call"}
+        if self.schedule in ("constant", "exponential"):
+            ignored |= {"epochs", "steps"}
         return json.dumps({k: v for k, v in self.to_dict().items() if k not in ignored}, sort_keys=True)

@@ -122,6 +122,3 @@ def scale_images(images: jax.Array, dtype=jnp.float32) -> jax.Array:
     """uint8 (B, H, W) or (B, H*W) -> float (B, H*W) in [0, 1]. Runs inside compiled steps."""
     return images.reshape(images.shape[0], -1).astype(dtype) / 255.0
 
-
-def num_params(spec: MLPSpec) -> int:
-    return sum(n_in * n_out + n_out for n_in, n_out in zip(spec.layer_sizes[:-1], spec.layer_sizes[1:]))

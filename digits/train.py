@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from digits import backprop, losses, model
@@ -214,7 +213,3 @@ def flops_per_example(layer_sizes) -> int:
     """
     products = [n_in * n_out for n_in, n_out in zip(layer_sizes[:-1], layer_sizes[1:])]
     return 2 * (2 * sum(products) + sum(products[1:]))
-
-
-def to_host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -238,7 +238,6 @@ def predictor(tmp_path_factory, cache_dir):
 def test_predict_on_saved_mnist_digits_agrees_with_the_model(predictor, cache_dir, mnist_splits, tmp_path):
     """Test digits saved as PNG (white-on-black, black-on-white, shifted and rescaled) are
     classified like the original arrays."""
-    import jax
     import jax.numpy as jnp
     from PIL import Image
 

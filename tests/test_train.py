@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from digits import checkpoint, experiment, model, train
+from digits import checkpoint, experiment, train
 from digits.config import Config
 
 SMALL = dict(train_examples=2000, validation_size=1000, layer_sizes=(784, 16, 10), optimizer="sgd", init="glorot",

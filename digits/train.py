@@ -96,7 +96,8 @@ def grad_function(grad: str):
 def grad_disagreement(manual, auto) -> tuple[jax.Array, jax.Array]:
     """Relative error ||m - a|| / ||a|| over the whole tree, and the max absolute error."""
     diff = jax.tree.map(lambda m, a: m - a, manual, auto)
-    rel = optax.tree.norm(diff) / jnp.maximum(optax.tree.norm(auto), jnp.finfo(optax.tree.norm(auto).dtype).tiny)
+    scale = optax.tree.norm(auto)
+    rel = optax.tree.norm(diff) / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
     max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(d)) for d in jax.tree.leaves(diff)]))
     return rel, max_abs
 

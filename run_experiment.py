@@ -193,6 +193,9 @@ def main(argv) -> int:
     except (FlagError, experiment.UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, FlagError) else 1
+    except OSError as e:  # unwritable workdir, full disk, ...: say which file, no traceback
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except experiment.Interrupted as e:
         print(str(e), file=sys.stderr)
         return 130

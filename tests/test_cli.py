@@ -112,9 +112,10 @@ def test_different_config_in_workdir_is_refused_then_overwritten(trained, cache_
     (["--mode=eval", "--workdir=/nonexistent/run"], "no training run"),
     (["--sweep_learning_rates=0.1,abc"], "sweep_learning_rates"),
     (["--nosuchflag"], "nosuchflag"),
+    (["--workdir=/proc/digits-cannot-create"], "digits-cannot-create"),
 ])
 def test_invalid_input_is_one_line_and_non_zero(cache_dir, args, message):
-    result = run_cli(*args, "--workdir=/tmp/digits-test-never-written", cache_dir=cache_dir, check=False)
+    result = run_cli("--workdir=/tmp/digits-test-never-written", *args, cache_dir=cache_dir, check=False)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import re
-import tempfile
 import zipfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from digits import files
 
 FORMAT_VERSION = 1
 METADATA_KEY = "__metadata__"
@@ -91,40 +91,10 @@ def _leaf_specs(state) -> tuple[list[str], list[tuple[int, ...]], list[str]]:
     return paths, shapes, dtypes
 
 
-def _fsync_directory(directory: pathlib.Path) -> None:
-    """Makes the rename durable; some platforms cannot open directories, which is harmless."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomically(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    """Writes `arrays` to `path` via a fsynced temp file and `os.replace`.
-
-    The temp file is removed on any exception (KeyboardInterrupt included), so a reader only
-    ever sees either no file or a complete one.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.remove(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(path.parent)
+    """Writes `arrays` to `path` so that a reader only ever sees no file or a complete one."""
+    with files.atomic_open(path, "wb", prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX) as f:
+        np.savez(f, **arrays)
 
 
 def save(directory, step: int, state, metadata: dict | None = None, keep: int = 3) -> pathlib.Path:

@@ -16,9 +16,10 @@ import os
 import pathlib
 import pickle
 import struct
-import tempfile
 
 import numpy as np
+
+from digits import files
 
 SOURCES = ("auto", "packaged", "idx", "tfds")
 TFDS_DATASETS = ("mnist", "fashion_mnist", "kmnist")
@@ -228,14 +229,12 @@ def _write_cache(path: pathlib.Path, dataset: Dataset) -> None:
     """Best effort: a read-only cache directory only costs speed, never correctness."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
+        with files.atomic_open(path, "wb", prefix=".tmp-", suffix=".npz") as f:
             np.savez(
                 f, train_images=dataset.train.images, train_labels=dataset.train.labels,
                 test_images=dataset.test.images, test_labels=dataset.test.labels,
                 num_classes=np.int64(dataset.num_classes),
             )
-        os.replace(tmp, path)
     except OSError:
         pass
 

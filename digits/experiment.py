@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from digits import bench, checkpoint, data, gradcheck, model, predict, report, train
+from digits import bench, checkpoint, data, files, gradcheck, model, predict, report, train
 from digits.config import Config
 
 CONFIG_FILE = "config.json"
@@ -246,9 +246,8 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
     """On resume, drop records a killed run logged after its last checkpoint."""
     if path.exists():
         kept = [r for r in report.read_metrics(path) if r.get("step", 0) <= step]
-        partial = path.with_name(path.name + ".tmp")
-        partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        partial.replace(path)  # atomic: a crash here leaves the old file, never half of one
+        with files.atomic_open(path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
 
 
 @dataclasses.dataclass

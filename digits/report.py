@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import pathlib
-import tempfile
 from collections import defaultdict
 
 import matplotlib
@@ -20,6 +18,8 @@ matplotlib.use("Agg")  # headless: must precede the pyplot import
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from digits import files  # noqa: E402
 
 ACCURACY_KEYS = ("train_accuracy", "validation_accuracy", "test_accuracy")
 LOSS_KEYS = ("loss", "validation_loss")
@@ -53,19 +53,8 @@ def write_json(path, obj) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n"
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:  # readers must never see a half-written file or a stray temp
-        try:
-            os.remove(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    with files.atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def _parses(line: bytes) -> bool:

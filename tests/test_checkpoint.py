@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, NamedTuple
 
 import chex
@@ -201,7 +202,7 @@ def test_failed_replace_leaves_no_partial_file(tmp_path, monkeypatch):
     def fail_replace(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(checkpoint.os, "replace", fail_replace)
+    monkeypatch.setattr(os, "replace", fail_replace)
     with pytest.raises(OSError, match="rename failed"):
         checkpoint.save(tmp_path, 2, make_state(seed=2))
     monkeypatch.undo()

@@ -247,7 +247,7 @@ def _delete(tree) -> None:
 
 
 class _RowTimer:
-    """One row's compiled program and state, callable for `steps` steps; knows its own plan."""
+    """One row's compiled program and state; calling it runs `steps` steps and returns their time."""
 
     def __init__(self, bench: BenchConfig, sizes, batch_size: int, grad: str, num_seeds: int,
                  images, labels, device, dtype, cache: dict):
@@ -263,12 +263,8 @@ class _RowTimer:
         spec = self.config.spec(n)
         tx = train.make_optimizer(self.config, train.total_steps(self.config, n), self.spe)
         self.vmapped = self.config.num_models > 1
-        if self.vmapped:
-            state = train.init_states(self.config, spec, tx, dtype)
-            perm = jax.vmap(lambda key: train.epoch_permutation(key, 0, n))(state.data_key)
-        else:
-            state = train.init_state(self.config.seed, self.config.learning_rate, spec, tx, dtype)
-            perm = train.epoch_permutation(state.data_key, 0, n)
+        state = train.init_run_state(self.config, spec, tx, dtype)
+        perm = train.permutations(state, 0, n, self.vmapped)
         self.state, self.perm = jax.device_put((state, perm), device)
         self.images, self.labels, self.device = images, labels, device
         self.host_step, self.stats_seen = 0, []

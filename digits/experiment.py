@@ -81,10 +81,10 @@ def prepare_workdir(workdir: pathlib.Path, config: Config, overwrite: bool, extr
     """Creates the workdir, or checks that an existing one holds this config (to resume it)."""
     config_path = workdir / CONFIG_FILE
     if config_path.exists():
-        old = read_workdir_config(workdir)
-        if old.training_fingerprint() != config.training_fingerprint():
+        old_values = json.loads(read_workdir_config(workdir).training_fingerprint())
+        new_values = json.loads(config.training_fingerprint())
+        if old_values != new_values:
             if not overwrite:
-                old_values, new_values = json.loads(old.training_fingerprint()), json.loads(config.training_fingerprint())
                 differs = sorted(k for k, v in new_values.items() if old_values.get(k) != v)
                 raise UsageError(
                     f"{workdir} holds a run with a different config ({', '.join(differs)} differ); "
@@ -277,17 +277,12 @@ class Run:
         )
 
     def init_state(self):
-        if self.vmapped:
-            return train.init_states(self.config, self.spec, self.tx, self.dtype)
-        return train.init_state(self.config.seed, self.config.learning_rate, self.spec, self.tx, self.dtype)
+        return train.init_run_state(self.config, self.spec, self.tx, self.dtype)
 
     def permutation(self, state, epoch: int):
-        n = len(self.splits.train)
-        if self.full_batch:
+        if self.full_batch:  # every step sees the whole set: no order needed
             return jnp.zeros((self.config.num_models, 0) if self.vmapped else (0,), jnp.int32)
-        if self.vmapped:
-            return jax.vmap(train.epoch_permutation, in_axes=(0, None, None))(state.data_key, epoch, n)
-        return train.epoch_permutation(state.data_key, epoch, n)
+        return train.permutations(state, epoch, len(self.splits.train), self.vmapped)
 
     def chunk_end(self, step: int) -> int:
         """Chunks end at evaluations, epochs, checkpoints, `steps_per_call` and the last step,
@@ -407,8 +402,8 @@ def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False,
     train_s, steps_done, loss_sum, loss_steps, last_checkpoint = 0.0, 0, 0.0, 0, restored
     audit = {"count": 0, "max_relative_error": 0.0, "max_abs_error": 0.0}
     auditing = config.grad == "both" and config.audit_every > 0
-    save = lambda at: checkpoint.save(ckpt_dir, at, state, {"fingerprint": config.training_fingerprint()},
-                                      config.keep_checkpoints)
+    fingerprint = {"fingerprint": config.training_fingerprint()}
+    save = lambda at, state: checkpoint.save(ckpt_dir, at, state, fingerprint, config.keep_checkpoints)
     progress = Progress(run.total_steps, step)
     tb = report.TensorBoardWriter(workdir / "tensorboard") if tensorboard else None
     try:
@@ -430,7 +425,7 @@ def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False,
                     _accumulate_audit(audit, stats)
                 step = end
                 if config.checkpoint_every and step % config.checkpoint_every == 0 or stop["signal"]:
-                    save(step)
+                    save(step, state)
                     last_checkpoint = step
                 if stop["signal"]:
                     raise Interrupted(f"interrupted at step {step}; checkpoint saved in {ckpt_dir}; re-run the same command to resume")
@@ -446,7 +441,7 @@ def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False,
                     progress.update(step, {"loss": record["loss"], "val_acc": record["validation_accuracy"]})
                     loss_sum, loss_steps = 0.0, 0
             if last_checkpoint != step:
-                save(step)
+                save(step, state)
     finally:
         progress.close()
         if tb:

@@ -82,6 +82,20 @@ def init_states(config: Config, spec: model.MLPSpec, tx, dtype) -> TrainState:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *lanes)
 
 
+def init_run_state(config: Config, spec: model.MLPSpec, tx, dtype) -> TrainState:
+    """One state, or K stacked ones when the config trains several models at once."""
+    if config.num_models > 1:
+        return init_states(config, spec, tx, dtype)
+    return init_state(config.seed, config.learning_rate, spec, tx, dtype)
+
+
+def permutations(state: TrainState, epoch: int, num_examples: int, vmapped: bool) -> jax.Array:
+    """This epoch's data order: int32 (N,), or (K, N) for K stacked models."""
+    if vmapped:
+        return jax.vmap(epoch_permutation, in_axes=(0, None, None))(state.data_key, epoch, num_examples)
+    return epoch_permutation(state.data_key, epoch, num_examples)
+
+
 @functools.partial(jax.jit, static_argnums=(2,))
 def epoch_permutation(data_key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
     """The data order of one epoch: int32 (num_examples,), a pure function of (key, epoch)."""

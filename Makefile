@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test benchmark clean
+.PHONY: run test benchmark results clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) run_experiment.py --mode=benchmark --flagfile=experiments/benchmark.cfg
+
+# Regenerates docs/results.md, docs/results.json, the README table and the flagfiles' "Result"
+# lines by training every experiment over SEEDS seeds (vmapped). Long: see docs/results.md.
+SEEDS ?= 5
+FLAGFILES ?=
+results: $(STAMP)
+	$(PY) run_experiment.py --mode=results --results_seeds=$(SEEDS) $(if $(FLAGFILES),--results_flagfiles=$(FLAGFILES))
 
 clean:
 	rm -rf $(VENV) runs

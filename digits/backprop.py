@@ -1,13 +1,21 @@
 """Hand-derived gradients: backpropagation written out as the equations.
 
-For a batch of B examples, with a_0 = x, z_l = a_{l-1} W_l + b_l and a_l = f(z_l):
+For a batch of B examples, with a_0 = x, z_l = layer_l(a_{l-1}) and a_l = f(z_l) after conv and
+dense layers (a_l = z_l after pool and dropout, and for the last layer, whose z_L are the logits):
 
     dZ_L     = dC/dz_L                      (A - Y for cross-entropy with a matched output)
-    dW_l     = A_{l-1}^T dZ_l + l2 W_l
-    db_l     = sum_over_batch(dZ_l)
-    dZ_{l-1} = (dZ_l W_l^T) * f'(z_{l-1})
+    dense    dW_l = A_{l-1}^T dZ_l + l2 W_l,  db_l = sum_over_batch(dZ_l),  dA_{l-1} = dZ_l W_l^T
+    conv     dW_l = A_{l-1} (*) dZ_l + l2 W_l (a conv over the batch, dZ_l dilated by the stride),
+             db_l = sum_over_batch_and_pixels(dZ_l),
+             dA_{l-1} = dZ_l (*) flip(W_l)^T  (a full conv of the dilated dZ_l)
+    maxpool  dA_{l-1} = dZ_l at each window's first maximum (row-major), 0 elsewhere
+    avgpool  dA_{l-1} = dZ_l / P^2 over each window, 0 on the dropped remainder
+    dropout  dA_{l-1} = dZ_l * keep / (1 - R), with the forward pass's mask
+    dZ_{l-1} = dA_{l-1} * f'(z_{l-1})       (when an activation follows layer l-1)
 
-No `jax.grad`, `jax.vjp` or `jax.jvp` here: `tests/test_backprop.py` checks the result against them.
+Each layer's equations live beside its forward pass in `digits.layers`. No `jax.grad`,
+`jax.vjp` or `jax.jvp` on this path: `tests/test_backprop.py` checks the result against
+`autodiff_value_and_grad`, the reference kept here beside it.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ def activation_derivative(a: jax.Array, name: str) -> jax.Array:
     raise ValueError(f"unknown hidden activation {name!r}")
 
 
-def output_delta(z: jax.Array, y: jax.Array, spec: model.MLPSpec) -> jax.Array:
+def output_delta(z: jax.Array, y: jax.Array, spec: model.ModelSpec) -> jax.Array:
     """dC/dz_L for one example per row (not yet divided by B). z, y: (B, C) -> (B, C)."""
     a = model.activate(z, spec.output)
     if spec.cost == "cross_entropy":
@@ -42,27 +50,31 @@ def output_delta(z: jax.Array, y: jax.Array, spec: model.MLPSpec) -> jax.Array:
     return a * (g - jnp.sum(g * a, axis=-1, keepdims=True))
 
 
-def value_and_grad(params, batch: tuple[jax.Array, jax.Array], spec: model.MLPSpec):
-    """Same contract as `jax.value_and_grad(losses.loss)(params, batch, spec)`.
+def value_and_grad(params, batch: tuple[jax.Array, jax.Array], spec: model.ModelSpec, dropout_key=None):
+    """Same contract as `autodiff_value_and_grad(params, batch, spec, dropout_key)`.
 
-    params: [{"w": (n_in, n_out), "b": (n_out,)}]; batch: (x (B, 784) float, labels (B,) int).
+    params: one dict per layer; batch: (x (B, *input_shape) float, labels (B,) int).
     Returns (scalar loss, grads with the tree structure, shapes and dtypes of params).
     """
     x, labels = batch
-    hidden, z = model.forward(params, x, spec)
-    y = losses.one_hot(labels, spec.layer_sizes[-1], z.dtype)
+    inputs, caches, z = model.forward(params, x, spec, dropout_key)
+    y = losses.one_hot(labels, spec.num_classes, z.dtype)
     loss = losses.cost_from_logits(z, y, spec)
     if spec.l2:
         loss = loss + losses.l2_penalty(params, spec.l2)
 
-    inputs = [x] + hidden  # a_{l-1} for every layer l
     delta = output_delta(z, y, spec) / x.shape[0]  # the batch mean's 1/B enters once, here
     grads = [None] * len(params)
     for l in reversed(range(len(params))):
-        dw = inputs[l].T @ delta
-        if spec.l2:
-            dw = dw + spec.l2 * params[l]["w"]
-        grads[l] = {"w": dw, "b": jnp.sum(delta, axis=0)}
-        if l > 0:  # the input layer needs no dX: skipping it is work autodiff also skips
-            delta = (delta @ params[l]["w"].T) * activation_derivative(hidden[l - 1], spec.activation)
+        # The input layer needs no dX: skipping it is work autodiff also skips.
+        grads[l], delta = spec.layers[l].backward(params[l], caches[l], delta, l > 0)
+        if spec.l2 and "w" in grads[l]:
+            grads[l]["w"] = grads[l]["w"] + spec.l2 * params[l]["w"]
+        if l > 0 and spec.activated(l - 1):
+            delta = delta * activation_derivative(inputs[l], spec.activation)
     return loss, grads
+
+
+def autodiff_value_and_grad(params, batch, spec: model.ModelSpec, dropout_key=None):
+    """The reference gradient: `jax.value_and_grad` of `losses.loss`."""
+    return jax.value_and_grad(losses.loss)(params, batch, spec, dropout_key)

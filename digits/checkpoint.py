@@ -47,17 +47,6 @@ def _one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
-def _json_default(obj):
-    """Lets user metadata carry numpy scalars / arrays."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, pathlib.PurePath):
-        return str(obj)
-    raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON serialisable")
-
-
 def _to_host(leaf) -> np.ndarray:
     """One leaf as a host numpy array (device arrays are copied off the accelerator)."""
     dtype = getattr(leaf, "dtype", None)
@@ -131,7 +120,7 @@ def save(directory, step: int, state, metadata: dict | None = None, keep: int = 
         "metadata": dict(metadata or {}),
     }
     # Serialise before touching the disk so a bad metadata value leaves nothing behind.
-    header_bytes = json.dumps(header, default=_json_default, sort_keys=True).encode("utf-8")
+    header_bytes = json.dumps(files.to_jsonable(header), sort_keys=True).encode("utf-8")
     arrays = {_leaf_key(i): a for i, a in enumerate(leaves)}
     arrays[METADATA_KEY] = np.frombuffer(header_bytes, dtype=np.uint8)
 

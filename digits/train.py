@@ -1,28 +1,35 @@
-"""Training: the state, the jit-compiled multi-step update, and evaluation.
+"""Training: the plan of a run, its state, the compiled multi-step chunk, evaluation, and THE
+training loop (`fit`), which the command line, the benchmark and the tests all call.
 
 A run is a sequence of compiled chunks. Each chunk runs many update steps inside one XLA while
 loop (`lax.fori_loop` with a traced trip count, so chunks of any length share one compilation),
 gathering mini-batches on the device from a per-epoch permutation of uint8 images. Control
-returns to Python only to log, evaluate and checkpoint.
+returns to Python only between chunks, where `fit` evaluates and calls its hooks (metrics,
+checkpoints, the progress bar: whatever the application plugs in).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
+import math
+import time
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from digits import backprop, losses, model
+from digits import augment, backprop, data, gradcheck, losses, model
 from digits.config import Config
 
 TRAIN_ACCURACY_EXAMPLES = 10000  # train accuracy is measured on this fixed prefix, to bound its cost
+_STEP_STREAM = 0x7FFFFFFF  # fold_in(data_key, epoch) orders the data; this stream feeds per-step keys
 
 
 class TrainState(NamedTuple):
-    """params: the MLP pytree; step: int32 (); learning_rate: float (); data_key: uint32 (2,)."""
+    """params: the model pytree; step: int32 (); learning_rate: float (); data_key: uint32 (2,)."""
 
     params: list
     opt_state: optax.OptState
@@ -37,8 +44,116 @@ class ChunkStats(NamedTuple):
     loss_sum: jax.Array
     first_bad_step: jax.Array
     audit_count: jax.Array
+    audit_max_violation: jax.Array  # worst |manual - auto| / (atol + rtol |auto|); <= 1 agrees
     audit_max_rel_error: jax.Array
     audit_max_abs_error: jax.Array
+
+
+# --- the shape of a run -------------------------------------------------------------------------
+
+
+def is_full_batch(batch_size: int, train_size: int) -> bool:
+    """The one rule: batch size 0 means the whole training set, and so does a batch of exactly n."""
+    return batch_size in (0, train_size)
+
+
+def steps_per_epoch(train_size: int, batch_size: int) -> int:
+    """Full batch is one step per epoch; otherwise the remainder is dropped."""
+    if not 0 <= batch_size <= train_size:
+        raise ValueError(f"batch_size={batch_size} must be in [0, {train_size}] (0: full batch)")
+    return 1 if is_full_batch(batch_size, train_size) else train_size // batch_size
+
+
+def total_steps(config: Config, train_size: int) -> int:
+    return config.epochs * steps_per_epoch(train_size, config.batch_size) if config.epochs else config.steps
+
+
+def model_spec(config: Config, image_shape: tuple[int, ...], num_classes: int, train_size: int) -> model.ModelSpec:
+    """The model the config describes, checked against the data: the one place for layer-size rules
+    that depend on the dataset (the config checks the rest). Raises a one-line ValueError."""
+    common = dict(activation=config.activation, output=config.output, cost=config.cost, init=config.init,
+                  init_scale=config.init_scale, l2=config.l2_coefficient(train_size))
+    pixels = math.prod(image_shape)
+    if not config.layers:
+        sizes = config.layer_sizes
+        if sizes[0] != pixels or sizes[-1] < num_classes:
+            raise ValueError(f"layer_sizes must start with {pixels} (pixels) and end with at least {num_classes} "
+                             f"(classes) for this dataset, got {','.join(map(str, sizes))}")
+        return model.MLPSpec(sizes, **common)
+    spec = model.spec_from_text(config.layers, tuple(image_shape), **common)
+    if spec.num_classes != num_classes:
+        last = config.layers.split(",")[-1].strip()
+        raise ValueError(f"layers: the last layer {last} must be dense:{num_classes} (the class count)")
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything the training loop needs, derived once from the config and the data."""
+
+    config: Config
+    spec: model.ModelSpec
+    dtype: object
+    train_size: int
+    batch_size: int  # the examples per step (n for full batch)
+    steps_per_epoch: int
+    full_batch: bool
+    total_steps: int
+    eval_every: int
+    vmapped: bool
+    tx: optax.GradientTransformation
+
+    @classmethod
+    def create(cls, config: Config, dataset: data.Dataset) -> Plan:
+        """Raises a one-line ValueError when the config does not fit the data."""
+        n = len(dataset.train)
+        if config.batch_size > n:
+            raise ValueError(f"batch_size={config.batch_size} exceeds the {n} training images")
+        spec = model_spec(config, dataset.image_shape, dataset.num_classes, n)
+        spe, full, total = steps_per_epoch(n, config.batch_size), is_full_batch(config.batch_size, n), total_steps(config, n)
+        return cls(config, spec, jnp.dtype(config.dtype_name), n, n if full else config.batch_size, spe, full, total,
+                   config.eval_every or (50 if full else spe), config.num_models > 1, make_optimizer(config, total, spe))
+
+    def init_state(self) -> TrainState:
+        return init_run_state(self.config, self.spec, self.tx, self.dtype)
+
+    def permutation(self, state: TrainState, epoch: int) -> jax.Array:
+        if self.full_batch:  # every step sees the whole set: no order needed
+            return jnp.zeros((self.config.num_models, 0) if self.vmapped else (0,), jnp.int32)
+        return permutations(state, epoch, self.train_size, self.vmapped)
+
+    def chunk_end(self, step: int) -> int:
+        """Chunks end at evaluations, epochs, checkpoints, `steps_per_call` and the last step,
+        all multiples of absolute step numbers, so a resumed run splits its work the same way."""
+        ends = [self.total_steps, _next_multiple(step, self.eval_every)]
+        if not self.full_batch:
+            ends.append(_next_multiple(step, self.steps_per_epoch))
+        for every in (self.config.steps_per_call, self.config.checkpoint_every):
+            if every:
+                ends.append(_next_multiple(step, every))
+        return min(ends)
+
+    def learning_rate(self, state: TrainState, step: int, lane: int | None = None) -> float:
+        """The effective learning rate at `step` of model `lane` (the mean over models if None)."""
+        rates = np.atleast_1d(np.asarray(state.learning_rate, np.float64))
+        base = float(rates.mean() if lane is None else rates[lane])
+        return base * float(lr_multiplier(self.config, self.total_steps, self.steps_per_epoch)(step))
+
+    def make_chunk(self):
+        return make_train_chunk(self.spec, self.tx, self.config, self.batch_size, self.steps_per_epoch,
+                                self.full_batch, self.dtype)
+
+    def model_lanes(self) -> list[dict]:
+        """Seed and learning rate of each of the K models, in state order."""
+        c = self.config
+        return [{"seed": c.seed + s, "learning_rate": lr} for lr in c.learning_rates for s in range(c.num_seeds)]
+
+
+def _next_multiple(step: int, every: int) -> int:
+    return (step // every + 1) * every
+
+
+# --- optimizer and state ------------------------------------------------------------------------
 
 
 def lr_multiplier(config: Config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
@@ -57,6 +172,7 @@ def make_optimizer(config: Config, total_steps: int, steps_per_epoch: int) -> op
 
     Equal to optax.sgd / optax.adam / optax.adamw with the same hyperparameters, with the
     learning rate pulled out so K models with K learning rates can share one vmapped program.
+    `gd` and `sgd` are one transformation; they differ only in the batch they are given.
     """
     direction = {
         "gd": optax.identity,
@@ -69,24 +185,20 @@ def make_optimizer(config: Config, total_steps: int, steps_per_epoch: int) -> op
     return optax.chain(direction, optax.scale_by_schedule(lr_multiplier(config, total_steps, steps_per_epoch)))
 
 
-def init_state(seed: int, learning_rate: float, spec: model.MLPSpec, tx: optax.GradientTransformation, dtype) -> TrainState:
+def init_state(seed: int, learning_rate: float, spec: model.ModelSpec, tx: optax.GradientTransformation, dtype) -> TrainState:
     """A fresh state; init and data order both derive from `seed`."""
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     params = model.init(init_key, spec, dtype)
     return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jnp.asarray(learning_rate, dtype), data_key)
 
 
-def init_states(config: Config, spec: model.MLPSpec, tx, dtype) -> TrainState:
-    """K = num_seeds x len(learning_rates) states stacked on a leading axis; lane i = (seed + s, lr)."""
+def init_run_state(config: Config, spec: model.ModelSpec, tx, dtype) -> TrainState:
+    """One state, or K = num_seeds x len(learning_rates) states stacked on a leading axis
+    (lane i = (seed + s, lr), learning rates outermost)."""
+    if config.num_models == 1:
+        return init_state(config.seed, config.learning_rate, spec, tx, dtype)
     lanes = [init_state(config.seed + s, lr, spec, tx, dtype) for lr in config.learning_rates for s in range(config.num_seeds)]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *lanes)
-
-
-def init_run_state(config: Config, spec: model.MLPSpec, tx, dtype) -> TrainState:
-    """One state, or K stacked ones when the config trains several models at once."""
-    if config.num_models > 1:
-        return init_states(config, spec, tx, dtype)
-    return init_state(config.seed, config.learning_rate, spec, tx, dtype)
 
 
 def permutations(state: TrainState, epoch: int, num_examples: int, vmapped: bool) -> jax.Array:
@@ -102,48 +214,60 @@ def epoch_permutation(data_key: jax.Array, epoch: jax.Array, num_examples: int) 
     return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples).astype(jnp.int32)
 
 
+def step_keys(data_key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(dropout key, augmentation key) of one step: a pure function of (key, step), so a resumed
+    run draws the same masks and shifts."""
+    dropout_key, augment_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(data_key, _STEP_STREAM), step))
+    return dropout_key, augment_key
+
+
 def grad_function(grad: str):
     """manual (and both, which trains on manual) -> backprop; autodiff -> jax.value_and_grad."""
-    return losses.autodiff_value_and_grad if grad == "autodiff" else backprop.value_and_grad
+    return backprop.autodiff_value_and_grad if grad == "autodiff" else backprop.value_and_grad
 
 
-def grad_disagreement(manual, auto) -> tuple[jax.Array, jax.Array]:
-    """Relative error ||m - a|| / ||a|| over the whole tree, and the max absolute error."""
-    diff = jax.tree.map(lambda m, a: m - a, manual, auto)
-    scale = optax.tree.norm(auto)
-    rel = optax.tree.norm(diff) / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
-    max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(d)) for d in jax.tree.leaves(diff)]))
-    return rel, max_abs
+# --- the compiled chunk -------------------------------------------------------------------------
 
 
-def make_train_chunk(spec: model.MLPSpec, tx, grad: str, batch_size: int, steps_per_epoch: int,
-                     full_batch: bool, audit_every: int, dtype):
+def make_train_chunk(spec: model.ModelSpec, tx, config: Config, batch_size: int, steps_per_epoch: int,
+                     full_batch: bool, dtype):
     """Returns chunk(state, images, labels, perm, num_steps) -> (state, ChunkStats), not yet jitted.
 
-    images: uint8 (N, 28, 28) on the device; labels: int32 (N,); perm: int32 (N,) this epoch's
+    images: uint8 (N, H, W) on the device; labels: int32 (N,); perm: int32 (N,) this epoch's
     order (ignored for full batch); num_steps: int32 (), may be traced. A chunk must not cross an
-    epoch boundary (the caller passes a new perm at each epoch).
+    epoch boundary (the caller passes a new perm at each epoch). Uses from the config: grad,
+    audit_every and the augmentation settings.
     """
-    value_and_grad = grad_function(grad)
-    audit = grad == "both" and audit_every > 0
+    value_and_grad = grad_function(config.grad)
+    audit_every = config.audit_every if config.grad == "both" else 0
+    augmenting = bool(config.augment_shift or config.augment_rotation or config.augment_scale)
+    needs_keys = augmenting or spec.has_dropout
+    prescale = full_batch and not augmenting  # then every step reads the same inputs: convert them once
 
-    def batch_at(state, images, labels, perm):
-        """The step's batch: (x float (B, 784) in [0, 1], labels int32 (B,))."""
-        if full_batch:
-            return images, labels  # already scaled once per chunk, see below
-        start = (state.step % steps_per_epoch) * batch_size
-        idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
-        return model.scale_images(images[idx], dtype), labels[idx]
+    def batch_at(state, images, labels, perm, augment_key):
+        """The step's batch: (x float (B, *input_shape) in [0, 1], labels int32 (B,))."""
+        if prescale:
+            return images, labels
+        if not full_batch:
+            start = (state.step % steps_per_epoch) * batch_size
+            idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
+            images, labels = images[idx], labels[idx]
+        if augmenting:
+            images = augment.augment(augment_key, images, config.augment_shift, config.augment_rotation,
+                                     config.augment_scale)
+        return model.inputs(images, spec, dtype), labels
 
-    def audit_step(state, batch, grads, stats):
+    def audit_step(state, batch, grads, dropout_key, stats):
         def compare(_):
-            return grad_disagreement(grads, losses.autodiff_value_and_grad(state.params, batch, spec)[1])
+            reference = backprop.autodiff_value_and_grad(state.params, batch, spec, dropout_key)[1]
+            return gradcheck.tree_agreement(grads, reference)
 
         due = state.step % audit_every == 0
         zero = jnp.zeros((), dtype)
-        rel, max_abs = jax.lax.cond(due, compare, lambda _: (zero, zero), None)
+        violation, rel, max_abs = jax.lax.cond(due, compare, lambda _: (zero, zero, zero), None)
         return stats._replace(
             audit_count=stats.audit_count + due,
+            audit_max_violation=jnp.maximum(stats.audit_max_violation, violation),
             audit_max_rel_error=jnp.maximum(stats.audit_max_rel_error, rel),
             audit_max_abs_error=jnp.maximum(stats.audit_max_abs_error, max_abs),
         )
@@ -151,10 +275,12 @@ def make_train_chunk(spec: model.MLPSpec, tx, grad: str, batch_size: int, steps_
     def chunk(state, images, labels, perm, num_steps):
         def body(_, carry):
             state, stats = carry
-            batch = batch_at(state, images, labels, perm)
-            loss, grads = value_and_grad(state.params, batch, spec)
-            if audit:
-                stats = audit_step(state, batch, grads, stats)
+            dropout_key, augment_key = step_keys(state.data_key, state.step) if needs_keys else (None, None)
+            dropout_key = dropout_key if spec.has_dropout else None
+            batch = batch_at(state, images, labels, perm, augment_key)
+            loss, grads = value_and_grad(state.params, batch, spec, dropout_key)
+            if audit_every:
+                stats = audit_step(state, batch, grads, dropout_key, stats)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = jax.tree.map(lambda p, u: p - state.learning_rate * u, state.params, updates)
             bad = (stats.first_bad_step < 0) & ~jnp.isfinite(loss)
@@ -163,10 +289,10 @@ def make_train_chunk(spec: model.MLPSpec, tx, grad: str, batch_size: int, steps_
             )
             return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key), stats
 
-        if full_batch:  # every step reads the whole set: convert it once per chunk, not per step
-            images = model.scale_images(images, dtype)
+        if prescale:
+            images = model.inputs(images, spec, dtype)
         zero = jnp.zeros((), dtype)
-        stats = ChunkStats(zero, jnp.asarray(-1, jnp.int32), jnp.zeros((), jnp.int32), zero, zero)
+        stats = ChunkStats(zero, jnp.asarray(-1, jnp.int32), jnp.zeros((), jnp.int32), zero, zero, zero)
         return jax.lax.fori_loop(0, num_steps, body, (state, stats))
 
     return chunk
@@ -179,7 +305,10 @@ def compile_chunk(chunk_fn, state, images, labels, perm, vmapped: bool):
     return jitted.lower(state, images, labels, perm, jnp.int32(1)).compile()
 
 
-def make_evaluate(spec: model.MLPSpec, dtype, eval_batch: int = 10000):
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int = 10000):
     """Returns evaluate(params, images, labels) -> (mean cost, accuracy, predictions int32 (N,)).
 
     Runs in fixed-size padded chunks (one compilation for every split). Works on one model;
@@ -187,8 +316,8 @@ def make_evaluate(spec: model.MLPSpec, dtype, eval_batch: int = 10000):
     """
 
     def chunk_outputs(params, images, labels):
-        z = model.logits(params, model.scale_images(images, dtype), spec)
-        y = losses.one_hot(labels, spec.layer_sizes[-1], z.dtype)
+        z = model.logits(params, model.inputs(images, spec, dtype), spec)
+        y = losses.one_hot(labels, spec.num_classes, z.dtype)
         per_example_cost = jax.vmap(lambda zi, yi: losses.cost_from_logits(zi[None], yi[None], spec))(z, y)
         return per_example_cost, jnp.argmax(z, axis=-1).astype(jnp.int32)
 
@@ -209,22 +338,191 @@ def make_evaluate(spec: model.MLPSpec, dtype, eval_batch: int = 10000):
     return evaluate
 
 
-def steps_per_epoch(train_size: int, batch_size: int) -> int:
-    """Full batch (0 or n) is one step per epoch; otherwise the remainder is dropped."""
-    if not 0 <= batch_size <= train_size:
-        raise ValueError(f"batch_size={batch_size} must be in [0, {train_size}] (0: full batch)")
-    return 1 if batch_size in (0, train_size) else train_size // batch_size
+class Evaluator:
+    """Compiled evaluation of one model or K stacked models, compile time kept apart."""
+
+    def __init__(self, spec, dtype, vmapped: bool):
+        fn = make_evaluate(spec, dtype)
+        self.fn = jax.jit(jax.vmap(fn, in_axes=(0, None, None)) if vmapped else fn)
+        self.compiled = {}
+        self.compile_s = 0.0
+        self.eval_s = 0.0
+
+    def __call__(self, params, images, labels):
+        key = images.shape
+        if key not in self.compiled:
+            start = time.perf_counter()
+            self.compiled[key] = self.fn.lower(params, images, labels).compile()
+            self.compile_s += time.perf_counter() - start
+        start = time.perf_counter()
+        loss, accuracy, predictions = jax.device_get(self.compiled[key](params, images, labels))
+        self.eval_s += time.perf_counter() - start
+        return np.asarray(loss), np.asarray(accuracy), np.asarray(predictions)
+
+    def splits(self, params, device: dict, names) -> dict:
+        """{"<split>_loss", "<split>_accuracy", "<split>_predictions"} for each named split."""
+        results = {}
+        for name in names:
+            images, labels = device[name]
+            if images.shape[0] == 0:
+                continue
+            loss, accuracy, predictions = self(params, images, labels)
+            label = "train" if name == "train_subset" else name
+            results[f"{label}_loss"], results[f"{label}_accuracy"], results[f"{label}_predictions"] = loss, accuracy, predictions
+        return results
 
 
-def total_steps(config: Config, train_size: int) -> int:
-    return config.epochs * steps_per_epoch(train_size, config.batch_size) if config.epochs else config.steps
+def device_splits(dataset: data.Dataset) -> dict:
+    """The splits as (uint8 images, int32 labels) on the device, plus the train-accuracy prefix."""
+    n = TRAIN_ACCURACY_EXAMPLES
+    return {
+        "train": jax.device_put((dataset.train.images, dataset.train.labels)),
+        "train_subset": jax.device_put((dataset.train.images[:n], dataset.train.labels[:n])),
+        "validation": jax.device_put((dataset.validation.images, dataset.validation.labels)),
+        "test": jax.device_put((dataset.test.images, dataset.test.labels)),
+    }
 
 
-def flops_per_example(layer_sizes) -> int:
-    """Matmul FLOPs of forward + backward for one example (2 per multiply-add).
+def mean_over_models(value) -> float:
+    """One model: the value; K models: their mean over models that did not diverge (NaN)."""
+    value = np.asarray(value, np.float64)
+    finite = value[np.isfinite(value)]
+    return float(finite.mean()) if finite.size else math.nan
 
-    Forward: each layer's x @ W. Backward: dW = A^T dZ for each layer and dA = dZ W^T for every
-    layer but the first (no gradient w.r.t. the input is needed).
+
+def summarise(values) -> dict:
+    """Mean / std / min / max over models, ignoring diverged (NaN) models."""
+    values = np.asarray(values, np.float64).reshape(-1)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "values": values.tolist()}
+    return {"mean": float(finite.mean()), "std": float(finite.std()), "min": float(finite.min()),
+            "max": float(finite.max()), "values": values.tolist()}
+
+
+# --- the training loop --------------------------------------------------------------------------
+
+
+class Diverged(Exception):
+    """Every model's loss went NaN or inf; `step` is the first bad step, `learning_rate` its rate."""
+
+    def __init__(self, step: int, learning_rate: float):
+        super().__init__(f"loss diverged (NaN or inf) at step {step} with learning rate {learning_rate:g}")
+        self.step, self.learning_rate = step, learning_rate
+
+
+class Hooks:
+    """What `fit` calls between chunks. Subclass and override what you need; each may raise to stop."""
+
+    def after_chunk(self, step: int, state: TrainState) -> None:
+        """After every compiled chunk (checkpoints, stop requests)."""
+
+    def after_eval(self, step: int, state: TrainState, record: dict) -> None:
+        """After every evaluation, with its metrics record (metrics files, progress bar)."""
+
+    def model_diverged(self, lane: int, error: Diverged) -> None:
+        """One of K models diverged; the others go on."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: TrainState
+    diverged: np.ndarray  # bool (K,)
+    compile_s: float
+    train_s: float
+    steps_done: int
+    audit: dict
+    evaluator: Evaluator
+
+    def timings(self, plan: Plan) -> dict:
+        per_step = self.train_s / self.steps_done if self.steps_done else None
+        return {
+            "compile_s": self.compile_s, "eval_compile_s": self.evaluator.compile_s, "train_s": self.train_s,
+            "eval_s": self.evaluator.eval_s, "steps_timed": self.steps_done, "seconds_per_step": per_step,
+            "seconds_per_epoch": per_step * plan.steps_per_epoch if per_step else None,
+            "examples_per_s": plan.batch_size * plan.config.num_models / per_step if per_step else None,
+        }
+
+
+def _check_divergence(plan: Plan, state, stats, diverged: np.ndarray, hooks: Sequence[Hooks]) -> np.ndarray:
+    """Marks models whose loss went NaN/inf; every model diverging stops the run."""
+    bad_steps = np.atleast_1d(np.asarray(stats.first_bad_step))
+    newly = (bad_steps >= 0) & ~diverged
+    for lane in np.flatnonzero(newly):
+        error = Diverged(int(bad_steps[lane]), plan.learning_rate(state, int(bad_steps[lane]), int(lane)))
+        if (diverged | newly).all():
+            raise error
+        for hook in hooks:
+            hook.model_diverged(int(lane), error)
+    return diverged | newly
+
+
+def _fold_audit(audit: dict, stats: ChunkStats) -> None:
+    """Folds one chunk's manual-vs-jax.grad audit (worst over models) into the run's."""
+    audit["count"] += int(np.max(stats.audit_count))
+    for key, value in (("max_violation", stats.audit_max_violation), ("max_relative_error", stats.audit_max_rel_error),
+                       ("max_abs_error", stats.audit_max_abs_error)):
+        audit[key] = max(audit[key], float(np.max(value)))
+    audit["passed"] = audit["max_violation"] <= 1.0
+
+
+def metrics_record(plan: Plan, state, step: int, loss: float, results: dict, examples_per_s: float) -> dict:
+    """One line of metrics.jsonl (K models: means over the models that did not diverge)."""
+    return {
+        "step": step, "epoch": step / plan.steps_per_epoch, "loss": loss,
+        "train_accuracy": mean_over_models(results["train_accuracy"]),
+        "validation_accuracy": mean_over_models(results.get("validation_accuracy", math.nan)),
+        "validation_loss": mean_over_models(results.get("validation_loss", math.nan)),
+        "learning_rate": plan.learning_rate(state, step),
+        "examples_per_s": examples_per_s,
+    }
+
+
+def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()) -> FitResult:
+    """Trains from `state` (fresh or restored: its step says where) to `plan.total_steps`.
+
+    device: `device_splits(dataset)`. Between chunks: divergence checks, the gradient audit,
+    `hooks.after_chunk`; at every evaluation, a metrics record to `hooks.after_eval`.
+    Raises `Diverged` when every model's loss is non-finite (the state before that chunk is gone:
+    it was donated; checkpoints are the hooks' business).
     """
-    products = [n_in * n_out for n_in, n_out in zip(layer_sizes[:-1], layer_sizes[1:])]
-    return 2 * (2 * sum(products) + sum(products[1:]))
+    step = int(np.asarray(state.step).reshape(-1)[0])
+    evaluator = Evaluator(plan.spec, plan.dtype, plan.vmapped)
+    epoch = step // plan.steps_per_epoch
+    perm = plan.permutation(state, epoch)
+    start = time.perf_counter()
+    chunk = compile_chunk(plan.make_chunk(), state, *device["train"], perm, plan.vmapped)
+    compile_s = time.perf_counter() - start
+
+    diverged = np.zeros(plan.config.num_models, bool)
+    train_s, steps_done, loss_sum, loss_steps = 0.0, 0, 0.0, 0
+    audit = {"count": 0, "max_violation": 0.0, "max_relative_error": 0.0, "max_abs_error": 0.0, "passed": True}
+    auditing = plan.config.grad == "both" and plan.config.audit_every > 0
+    while step < plan.total_steps:
+        if not plan.full_batch and step // plan.steps_per_epoch != epoch:
+            epoch = step // plan.steps_per_epoch
+            perm = plan.permutation(state, epoch)  # a fresh order every epoch
+        end = plan.chunk_end(step)
+        start = time.perf_counter()
+        state, stats = chunk(state, *device["train"], perm, jnp.int32(end - step))
+        stats = jax.device_get(stats)
+        train_s += time.perf_counter() - start
+        steps_done += end - step
+        diverged = _check_divergence(plan, state, stats, diverged, hooks)
+        loss_sum += np.where(diverged, 0.0, np.atleast_1d(stats.loss_sum)).sum() / max((~diverged).sum(), 1)
+        loss_steps += end - step
+        if auditing:
+            _fold_audit(audit, stats)
+        step = end
+        for hook in hooks:
+            hook.after_chunk(step, state)
+        if step % plan.eval_every == 0 or step == plan.total_steps:
+            results = evaluator.splits(state.params, device, ("train_subset", "validation"))
+            record = metrics_record(plan, state, step, loss_sum / max(loss_steps, 1), results,
+                                    steps_done * plan.batch_size * plan.config.num_models / max(train_s, 1e-9))
+            if auditing:
+                record.update({f"grad_audit_{k}": v for k, v in audit.items()})
+            for hook in hooks:
+                hook.after_eval(step, state, record)
+            loss_sum, loss_steps = 0.0, 0
+    return FitResult(state, diverged, compile_s, train_s, steps_done, audit, evaluator)

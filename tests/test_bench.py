@@ -8,12 +8,14 @@ from __future__ import annotations
 import csv
 import json
 
+import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from digits import bench, train
+from digits import bench, data as data_lib
+from digits.config import Config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_IMAGES = 512
@@ -23,25 +25,24 @@ MINI_BATCH = 128  # 4 steps per epoch on 512 images
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (N_IMAGES, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, N_IMAGES).astype(np.int32)
-    return images, labels
+    split = lambda n: data_lib.Split(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                                     rng.integers(0, 10, n).astype(np.int32))
+    return data_lib.Dataset("random", "test", split(N_IMAGES), split(16))
 
 
-SWEEP = bench.BenchConfig(
-    layer_sizes=((784, 10, 10),),
-    batch_sizes=(MINI_BATCH, 0),
-    grads=("manual", "autodiff"),
-    steps_per_call=(1, 10),
-    num_seeds=(1, 2),
-    repeats=2,
-)
+def sweep_config(**overrides):
+    return Config(**{**dict(optimizer="sgd", learning_rate=0.01, bench_layer_sizes=("784,10,10",),
+                            bench_batch_sizes=(MINI_BATCH, 0), bench_grads=("manual", "autodiff"),
+                            bench_steps_per_call=(1, 10), bench_num_seeds=(1, 2), bench_repeats=2), **overrides})
+
+
+SWEEP = sweep_config()
 
 
 @pytest.fixture(scope="module")
 def sweep(data):
     calls = []
-    rows = bench.run(SWEEP, *data, progress=lambda i, total, row: calls.append((i, total, dict(row))))
+    rows = bench.run(SWEEP, data, progress=lambda i, total, row: calls.append((i, total, dict(row))))
     return rows, calls
 
 
@@ -56,23 +57,24 @@ def by(rows, **match):
 
 def test_run_returns_one_well_formed_row_per_combination(sweep):
     rows, _ = sweep
-    assert len(rows) == SWEEP.num_rows == 16
+    assert len(rows) == bench.num_rows(SWEEP) == 16
     combos = {(r["batch_size"], r["grad"], r["steps_per_call_requested"], r["num_models"]) for r in rows}
     assert len(combos) == 16  # every combination exactly once
     for row in rows:
         assert tuple(row) == bench.ROW_KEYS
-        assert row["layer_sizes"] == "784-10-10"
+        assert row["network"] == "784,10,10"
         assert row["batch_size"] in (MINI_BATCH, N_IMAGES)  # full batch reports its actual size
         assert row["dtype"] == "float32"
         assert row["platform"] == "cpu" and row["device_kind"] and row["jax_version"]
         assert row["compile_s"] > 0
         assert 0 < row["step_time_min_s"] <= row["step_time_median_s"] <= row["step_time_max_s"]
-        assert 1 <= row["repeats"] <= SWEEP.repeats
+        assert 1 <= row["repeats"] <= SWEEP.bench_repeats
         assert 1 <= row["steps_per_call"] <= row["steps_per_call_requested"]
         expected_examples = row["num_models"] * row["batch_size"] / row["step_time_median_s"]
         assert row["examples_per_s"] == pytest.approx(expected_examples)
-        expected_gflops = train.flops_per_example((784, 10, 10)) * expected_examples / 1e9
+        expected_gflops = row["grad_flops"] * row["num_models"] / row["step_time_median_s"] / 1e9
         assert row["gflops"] == pytest.approx(expected_gflops)
+        assert row["grad_bytes_accessed"] > 0 and row["grad_temp_bytes"] >= 0
         assert row["nonfinite_loss"] is False  # the small learning rate keeps the runs finite
 
 
@@ -117,43 +119,49 @@ def test_comparison_columns_are_none_without_a_partner(sweep):
 
 
 def test_timed_work_adapts_to_the_row_budget(data):
-    config = bench.BenchConfig(layer_sizes=((784, 10, 10),), batch_sizes=(0,), grads=("manual",),
-                               steps_per_call=(50,), repeats=3, max_row_seconds=1e-9)
-    (row,) = bench.run(config, *data)
+    config = sweep_config(bench_batch_sizes=(0,), bench_grads=("manual",), bench_steps_per_call=(50,),
+                          bench_num_seeds=(1,), bench_repeats=3, bench_max_row_seconds=1e-9)
+    (row,) = bench.run(config, data)
     assert row["steps_per_call_requested"] == 50
     assert row["steps_per_call"] == 1 and row["repeats"] == 1  # even one step blows the budget
 
 
 def test_x64_on_an_explicit_platform(data):
-    config = bench.BenchConfig(layer_sizes=((784, 5, 10),), batch_sizes=(64,), grads=("autodiff",),
-                               steps_per_call=(3,), repeats=1, warmup=2, platform="cpu", x64=True)
-    (row,) = bench.run(config, *data)
+    config = sweep_config(bench_layer_sizes=("784,5,10",), bench_batch_sizes=(64,), bench_grads=("autodiff",),
+                          bench_steps_per_call=(3,), bench_num_seeds=(1,), bench_repeats=1, bench_platform="cpu",
+                          x64=True)
+    with jax.enable_x64(True):
+        (row,) = bench.run(config, data)
     assert row["dtype"] == "float64" and row["platform"] == "cpu"
     assert row["steps_per_call"] == 3 and row["batch_size"] == 64
     assert row["manual_over_autodiff"] is None and row["speedup_vs_one_model"] == 1.0
     assert jnp.zeros(1).dtype == jnp.float32  # x64 is switched off again afterwards
 
 
-def test_run_rejects_layer_sizes_that_do_not_fit_the_data(data):
+def test_run_rejects_networks_that_do_not_fit_the_data(data):
     with pytest.raises(ValueError, match="must start with 784"):
-        bench.run(bench.BenchConfig(layer_sizes=((100, 10),)), *data)
-    with pytest.raises(ValueError, match="labels must lie"):
-        bench.run(bench.BenchConfig(layer_sizes=((784, 10, 5),)), *data)
+        bench.run(sweep_config(bench_layer_sizes=("100,10",)), data)
+    with pytest.raises(ValueError, match="dense:10"):
+        bench.run(sweep_config(bench_layer_sizes=("conv3x3:2,maxpool2,dense:5",)), data)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"grads": ("both",)},
-    {"batch_sizes": (-1,)},
-    {"batch_sizes": ()},
-    {"steps_per_call": (0,)},
-    {"num_seeds": (0,)},
-    {"repeats": 0},
-    {"layer_sizes": ((784,),)},
-    {"platform": "abacus"},
-])
-def test_bench_config_rejects_bad_values(kwargs):
-    with pytest.raises(ValueError):
-        bench.BenchConfig(**kwargs)
+def test_a_conv_network_gets_a_row_with_its_compiled_costs(data):
+    config = sweep_config(bench_layer_sizes=("conv3x3:2,maxpool2,dense:10",), bench_batch_sizes=(8,),
+                          bench_steps_per_call=(2,), bench_num_seeds=(1,), bench_repeats=1)
+    rows = bench.run(config, data)
+    assert [r["grad"] for r in rows] == ["manual", "autodiff"]
+    assert all(r["network"] == "conv3x3:2,maxpool2,dense:10" and r["grad_flops"] > 0 for r in rows)
+    assert rows[0]["manual_over_autodiff"] > 0
+
+
+def test_grad_flops_match_a_hand_count_of_the_matmuls():
+    """784-30-10 at batch 128: forward x@W1, a1@W2; backward dW1, dW2 and dA1 (no dX)."""
+    plan = bench.train.Plan.create(bench.row_config(SWEEP, "784,30,10", 128, "manual", 1, N_IMAGES),
+                                   data_lib.Dataset("random", "test", data_lib.Split(np.zeros((N_IMAGES, 28, 28), np.uint8),
+                                                    np.zeros(N_IMAGES, np.int32)), data_lib.Split(np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.int32))))
+    matmuls = 128 * (2 * 2 * (784 * 30 + 30 * 10) + 2 * 30 * 10)
+    flops = bench.analyse_gradient(plan)["grad_flops"]
+    assert matmuls <= flops <= 1.1 * matmuls
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -164,7 +172,7 @@ def test_format_table_has_a_line_per_row(sweep):
     lines = bench.format_table(rows).splitlines()
     assert "examples/s" in lines[0] and "man/auto" in lines[0]
     body = lines[2:2 + len(rows)]
-    assert len(body) == len(rows) and all("784-10-10" in line for line in body)
+    assert len(body) == len(rows) and all("784,10,10" in line for line in body)
     assert len({len(line) for line in lines[:2 + len(rows)]}) == 1  # fixed width
     assert "10/10" in bench.format_table(rows)  # steps used / requested
 
@@ -172,7 +180,7 @@ def test_format_table_has_a_line_per_row(sweep):
 def test_write_outputs_writes_csv_json_and_png(sweep, tmp_path):
     rows, _ = sweep
     figures_before = len(plt.get_fignums())
-    paths = bench.write_outputs(rows, tmp_path / "out", bench=SWEEP)
+    paths = bench.write_outputs(rows, tmp_path / "out", SWEEP)
     assert set(paths) == {"csv", "json", "png"}
 
     with open(paths["csv"], newline="") as f:
@@ -185,9 +193,9 @@ def test_write_outputs_writes_csv_json_and_png(sweep, tmp_path):
 
     payload = json.loads(paths["json"].read_text())
     assert len(payload["rows"]) == len(rows)
-    assert payload["rows"][0]["layer_sizes"] == "784-10-10"
+    assert payload["rows"][0]["network"] == "784,10,10"
     assert payload["environment"]["jax_version"] == rows[0]["jax_version"]
-    assert payload["bench"]["repeats"] == SWEEP.repeats
+    assert payload["config"]["bench_repeats"] == SWEEP.bench_repeats and payload["environment"]["cpu"]
 
     png = paths["png"].read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 1000
@@ -205,60 +213,6 @@ def test_csv_writes_missing_comparisons_as_empty(sweep, tmp_path):
 
 
 def test_environment_describes_the_machine():
-    env = bench.environment()
-    assert env["backend"] == "cpu" and env["device_kind"]
-    assert env["cpu_count"] >= 1 and env["devices"]
-
-
-# ------------------------------------------------------------------------------ parsing
-
-
-def test_parse_layer_sizes_list():
-    assert bench.parse_layer_sizes_list("784,10,10;784,30,10") == ((784, 10, 10), (784, 30, 10))
-    assert bench.parse_layer_sizes_list(" 784, 800 ,800,10 ") == ((784, 800, 800, 10),)
-    assert bench.parse_layer_sizes_list("784,10;") == ((784, 10),)
-
-
-@pytest.mark.parametrize("text", ["", ";", "784", "784,ten,10", "784,0,10", "784,10;;784,30", "784,-5,10", "784,1.5,10"])
-def test_parse_layer_sizes_list_rejects_bad_input(text):
-    with pytest.raises(ValueError, match="layer sizes"):
-        bench.parse_layer_sizes_list(text)
-
-
-def test_parse_batch_sizes():
-    assert bench.parse_batch_sizes("10,128,full") == (10, 128, 0)
-    assert bench.parse_batch_sizes("FULL") == (0,)
-    assert bench.parse_batch_sizes(" 1024 , 0") == (1024, 0)
-
-
-@pytest.mark.parametrize("text", ["", "10,", "ten", "-1", "10;128", "1e3", "full batch"])
-def test_parse_batch_sizes_rejects_bad_input(text):
-    with pytest.raises(ValueError, match="batch sizes"):
-        bench.parse_batch_sizes(text)
-
-
-def test_parse_positive_ints_and_grads():
-    assert bench.parse_positive_ints("1,100", "steps per call") == (1, 100)
-    assert bench.parse_grads("manual, autodiff") == ("manual", "autodiff")
-    with pytest.raises(ValueError, match="steps per call"):
-        bench.parse_positive_ints("1,0", "steps per call")
-    with pytest.raises(ValueError, match="grads"):
-        bench.parse_grads("manual,both")
-
-
-# ------------------------------------------------------------------------------ FLOP count
-
-
-def test_flops_per_example_matches_a_hand_count():
-    forward = 2 * (784 * 30 + 30 * 10)  # x @ W1, a1 @ W2
-    backward_dw = 2 * (784 * 30 + 30 * 10)  # dW1 = x^T dZ1, dW2 = a1^T dZ2
-    backward_da = 2 * (30 * 10)  # dA1 = dZ2 W2^T; no gradient w.r.t. the input
-    assert forward + backward_dw + backward_da == 95_880
-    assert train.flops_per_example((784, 30, 10)) == 95_880
-
-
-def test_flops_per_example_counts_input_gradients_only_past_the_first_layer():
-    products = 784 * 800 + 800 * 800 + 800 * 10
-    forward, backward_dw = 2 * products, 2 * products
-    backward_da = 2 * (800 * 800 + 800 * 10)  # dA2 and dA1, not dX
-    assert train.flops_per_example((784, 800, 800, 10)) == forward + backward_dw + backward_da == 6_396_800
+    env = bench.report.environment()
+    assert env["backend"] == "cpu" and env["device_kind"] and env["cpu"]
+    assert env["cpu_count"] >= 1 and env["devices"] and env["versions"]["jax"]

@@ -100,7 +100,11 @@ def test_different_config_in_workdir_is_refused_then_overwritten(trained, cache_
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--layer_sizes=784,30,9"], "must start with 784 and end with 10"),
+    (["--layer_sizes=784,30,9"], "must start with 784 (pixels) and end with at least 10"),
+    (["--learning_rate=nan"], "--learning_rate must be a finite number, got nan"),
+    (["--schedule=cosin"], "schedule"),
+    (["--layers=conv5x5:20,maxpool2,dense:7"], "dense:10"),
+    (["--layers=conv5x5:20,blur3,dense:10"], "blur3"),
     (["--layer_sizes=784,x,10"], "comma-separated integers"),
     (["--learning_rate=-1"], "learning_rate"),
     (["--activation=gelu"], "activation"),
@@ -139,8 +143,8 @@ def test_divergence_exits_non_zero_and_keeps_last_good_checkpoint(cache_dir, tmp
     good = checkpoint.latest_step(workdir / "checkpoints")
     assert good is not None and good >= 20 and f"step {good})" in lines[0]
     config = experiment.read_workdir_config(workdir)
-    run = experiment.Run.create(config, experiment.load_splits(dataclasses.replace(config, cache_dir=str(cache_dir))))
-    state, _ = checkpoint.restore(workdir / "checkpoints", run.init_state())
+    plan = experiment.make_plan(config, experiment.load_dataset(dataclasses.replace(config, cache_dir=str(cache_dir))))
+    state, _ = checkpoint.restore(workdir / "checkpoints", plan.init_state())
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
 
 
@@ -247,7 +251,7 @@ def test_predict_on_saved_mnist_digits_agrees_with_the_model(predictor, cache_di
     workdir, _ = predictor
     _, _, run, params = experiment.load_trained(workdir)
     originals = mnist_splits.test.images[:12]
-    expected = np.asarray(jnp.argmax(model.logits(params, model.scale_images(jnp.asarray(originals)), run.spec), -1))
+    expected = np.asarray(jnp.argmax(model.logits(params, model.inputs(jnp.asarray(originals), run.spec), run.spec), -1))
     folder = tmp_path / "digits"
     folder.mkdir()
     for i, image in enumerate(originals):

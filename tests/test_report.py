@@ -199,13 +199,13 @@ def test_plot_misclassified_when_all_correct(tmp_path):
 
 
 BENCHMARK_ROWS = [
-    {"layer_sizes": "784-30-10", "batch_size": b, "grad": g, "steps_per_call": s,
+    {"network": "784-30-10", "batch_size": b, "grad": g, "steps_per_call": s,
      "examples_per_s": 1e4 * b * s / (1 + b)}
     for b in (16, 64, 256)
     for g in ("autodiff", "backprop")
     for s in (1, 10)
 ] + [
-    {"layer_sizes": "784-100-10", "batch_size": b, "grad": "autodiff", "steps_per_call": 1,
+    {"network": "784-100-10", "batch_size": b, "grad": "autodiff", "steps_per_call": 1,
      "examples_per_s": 5e3 * b}
     for b in (16, 64)
 ]

@@ -1,4 +1,5 @@
-"""Training: loss goes down, resume is exact, K vmapped seeds equal K separate runs."""
+"""Training through the real loop (`train.fit`): loss goes down, each epoch is reshuffled, resume
+is exact, K vmapped seeds equal K separate runs, divergence and the audit are reported."""
 
 import dataclasses
 
@@ -9,65 +10,106 @@ import numpy as np
 import optax
 import pytest
 
-from digits import checkpoint, experiment, train
+from digits import backprop, checkpoint, data, model, train
 from digits.config import Config
 
-SMALL = dict(train_examples=2000, validation_size=1000, layer_sizes=(784, 16, 10), optimizer="sgd", init="glorot",
-             learning_rate=0.1, batch_size=50, epochs=3)
-
-
-def _train_direct(config, splits, stop_at=None, state=None):
-    """Runs the compiled chunks over [state.step, stop_at) like the experiment loop, without I/O."""
-    run = experiment.Run.create(config, splits)
-    state = run.init_state() if state is None else state
-    images, labels = jnp.asarray(splits.train.images), jnp.asarray(splits.train.labels)
-    chunk_fn = train.make_train_chunk(run.spec, run.tx, config.grad, config.batch_size or len(splits.train),
-                                      run.steps_per_epoch, run.full_batch, config.audit_every, run.dtype)
-    step = int(np.asarray(state.step).reshape(-1)[0])
-    chunk = train.compile_chunk(chunk_fn, state, images, labels, run.permutation(state, 0), run.vmapped)
-    losses = []
-    while step < (stop_at or run.total_steps):
-        end = min(run.chunk_end(step), stop_at or run.total_steps)
-        state, stats = chunk(state, images, labels, run.permutation(state, step // run.steps_per_epoch), jnp.int32(end - step))
-        losses.append(np.asarray(stats.loss_sum) / (end - step))
-        step = end
-    return run, state, losses
+SMALL = dict(layer_sizes=(784, 16, 10), optimizer="sgd", init="glorot", learning_rate=0.1, batch_size=50, epochs=3)
 
 
 @pytest.fixture(scope="module")
-def small_splits(mnist_splits):
-    return dataclasses.replace(
-        mnist_splits,
-        train=type(mnist_splits.train)(mnist_splits.train.images[:2000], mnist_splits.train.labels[:2000]),
-        validation=type(mnist_splits.train)(mnist_splits.validation.images[:1000], mnist_splits.validation.labels[:1000]),
-    )
+def small(mnist_splits):
+    """2000 train, 1000 validation, 1000 test images of the packaged MNIST."""
+    cut = lambda split, n: data.Split(split.images[:n], split.labels[:n])
+    return dataclasses.replace(mnist_splits, train=cut(mnist_splits.train, 2000),
+                               validation=cut(mnist_splits.validation, 1000), test=cut(mnist_splits.test, 1000))
+
+
+class Recorder(train.Hooks):
+    """Keeps every metrics record; optionally checkpoints and stops at `stop_at` (like Ctrl-C)."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self, stop_at=None, directory=None):
+        self.records, self.stop_at, self.directory = [], stop_at, directory
+
+    def after_chunk(self, step, state):
+        if self.stop_at is not None and step >= self.stop_at:
+            checkpoint.save(self.directory, step, state)
+            raise Recorder.Stop
+
+    def after_eval(self, step, state, record):
+        self.records.append(record)
+
+
+def fit(config, dataset, state=None, hooks=()):
+    plan = train.Plan.create(config, dataset)
+    state = plan.init_state() if state is None else state
+    return plan, train.fit(plan, state, train.device_splits(dataset), hooks)
 
 
 @pytest.mark.parametrize("grad", ["manual", "autodiff"])
-def test_training_decreases_loss_and_beats_chance(small_splits, grad):
-    config = Config(**SMALL, grad=grad)
-    run, state, losses = _train_direct(config, small_splits)
+def test_training_decreases_loss_and_beats_chance(small, grad):
+    recorder = Recorder()
+    _, result = fit(Config(**SMALL, grad=grad), small, hooks=[recorder])
+    losses = [r["loss"] for r in recorder.records]
+    assert [r["step"] for r in recorder.records] == [40, 80, 120]
     assert losses[-1] < 0.6 * losses[0]
-    evaluate = jax.jit(train.make_evaluate(run.spec, jnp.float32))
-    _, accuracy, _ = evaluate(state.params, jnp.asarray(small_splits.validation.images), jnp.asarray(small_splits.validation.labels))
-    assert float(accuracy) > 0.7  # chance is 0.1
+    assert recorder.records[-1]["validation_accuracy"] > 0.7  # chance is 0.1
+    assert result.steps_done == 120 and result.timings(train.Plan.create(Config(**SMALL), small))["examples_per_s"] > 0
 
 
-def test_manual_and_autodiff_training_agree(small_splits):
-    _, manual, _ = _train_direct(Config(**SMALL, grad="manual"), small_splits)
-    _, auto, _ = _train_direct(Config(**SMALL, grad="autodiff"), small_splits)
-    chex.assert_trees_all_close(manual.params, auto.params, atol=2e-4, rtol=1e-3)
+def _reference_sgd(config, dataset, reshuffle: bool):
+    """Plain SGD written out step by step, with a fresh permutation per epoch (or epoch 0's forever)."""
+    plan = train.Plan.create(config, dataset)
+    state = plan.init_state()
+    step_fn = jax.jit(lambda p, x, y: backprop.value_and_grad(p, (x, y), plan.spec)[1])
+    params, images, labels = state.params, jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
+    for epoch in range(config.epochs):
+        perm = train.epoch_permutation(state.data_key, epoch if reshuffle else 0, len(dataset.train))
+        for i in range(plan.steps_per_epoch):
+            idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
+            grads = step_fn(params, model.inputs(images[idx], plan.spec), labels[idx])
+            params = jax.tree.map(lambda p, g: p - config.learning_rate * g, params, grads)
+    return params
+
+
+def test_the_loop_reshuffles_every_epoch(small):
+    """Fails if the loop reuses one data order: the real loop must equal SGD with per-epoch permutations."""
+    config = Config(**{**SMALL, "epochs": 2})
+    _, result = fit(config, small)
+    chex.assert_trees_all_close(result.state.params, _reference_sgd(config, small, reshuffle=True), atol=1e-5, rtol=1e-4)
+    stale = _reference_sgd(config, small, reshuffle=False)  # the test can tell the two apart
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(result.state.params),
+                                                               jax.tree.leaves(stale))) > 1e-3
+
+
+def test_manual_and_autodiff_training_agree(small):
+    _, manual = fit(Config(**SMALL, grad="manual"), small)
+    _, auto = fit(Config(**SMALL, grad="autodiff"), small)
+    chex.assert_trees_all_close(manual.state.params, auto.state.params, atol=2e-4, rtol=1e-3)
+
+
+def test_two_runs_give_bit_identical_metrics(small):
+    """Same seed, same machine: identical numbers (what the results table calls exact)."""
+    first, second = Recorder(), Recorder()
+    fit(Config(**{**SMALL, "epochs": 2}), small, hooks=[first])
+    fit(Config(**{**SMALL, "epochs": 2}), small, hooks=[second])
+    strip = lambda records: [{k: v for k, v in r.items() if k != "examples_per_s"} for r in records]
+    assert strip(first.records) == strip(second.records)
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
-def test_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(small_splits, tmp_path, optimizer):
-    config = Config(**{**SMALL, "optimizer": optimizer, "learning_rate": 0.01}, schedule="cosine")
-    _, uninterrupted, _ = _train_direct(config, small_splits)
-    run, partial, _ = _train_direct(config, small_splits, stop_at=70)  # mid-epoch
-    checkpoint.save(tmp_path, 70, partial)
-    restored, _ = checkpoint.restore(tmp_path, run.init_state())
-    _, resumed, _ = _train_direct(config, small_splits, state=restored)
-    chex.assert_trees_all_equal(resumed, uninterrupted)
+def test_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(small, tmp_path, optimizer):
+    config = Config(**{**SMALL, "optimizer": optimizer, "learning_rate": 0.01}, schedule="cosine", steps_per_call=35)
+    _, uninterrupted = fit(config, small)
+    with pytest.raises(Recorder.Stop):
+        fit(config, small, hooks=[Recorder(stop_at=70, directory=tmp_path)])  # mid-epoch
+    plan = train.Plan.create(config, small)
+    restored, _ = checkpoint.restore(tmp_path, plan.init_state())
+    assert int(restored.step) == 70
+    _, resumed = fit(config, small, state=restored)
+    chex.assert_trees_all_equal(resumed.state, uninterrupted.state)
 
 
 def test_optimizer_matches_optax_reference():
@@ -75,7 +117,8 @@ def test_optimizer_matches_optax_reference():
     params = {"w": jnp.array([1.0, -2.0, 3.0])}
     grads = [{"w": jnp.array([0.1, 0.2, -0.3]) * (i + 1)} for i in range(5)]
     for name, reference in [("adamw", optax.adamw(0.01, weight_decay=1e-4)), ("momentum", optax.sgd(0.01, momentum=0.9)),
-                            ("nesterov", optax.sgd(0.01, momentum=0.9, nesterov=True))]:
+                            ("nesterov", optax.sgd(0.01, momentum=0.9, nesterov=True)), ("sgd", optax.sgd(0.01)),
+                            ("gd", optax.sgd(0.01))]:
         ours = train.make_optimizer(Config(optimizer=name, learning_rate=0.01), total_steps=5, steps_per_epoch=5)
         p_ours, s_ours, p_ref, s_ref = params, ours.init(params), params, reference.init(params)
         for g in grads:
@@ -86,60 +129,70 @@ def test_optimizer_matches_optax_reference():
         chex.assert_trees_all_close(p_ours, p_ref, rtol=1e-6)
 
 
-def test_vmapped_seeds_equal_separate_runs(small_splits):
+def test_vmapped_seeds_equal_separate_runs(small):
     config = Config(**SMALL, num_seeds=3, seed=5)
-    _, stacked, _ = _train_direct(config, small_splits)
+    _, stacked = fit(config, small)
     for lane in range(3):
-        _, alone, _ = _train_direct(dataclasses.replace(config, num_seeds=1, seed=5 + lane), small_splits)
-        chex.assert_trees_all_close(jax.tree.map(lambda x: x[lane], stacked.params), alone.params, atol=1e-6, rtol=1e-5)
+        _, alone = fit(dataclasses.replace(config, num_seeds=1, seed=5 + lane), small)
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[lane], stacked.state.params), alone.state.params,
+                                    atol=1e-6, rtol=1e-5)
 
 
-def test_learning_rate_sweep_lanes_use_their_rates(small_splits):
+def test_learning_rate_sweep_lanes_use_their_rates(small):
     config = Config(**{**SMALL, "epochs": 1}, sweep_learning_rates=(0.01, 0.2))
-    _, stacked, _ = _train_direct(config, small_splits)
-    np.testing.assert_allclose(np.asarray(stacked.learning_rate), [0.01, 0.2])
-    _, alone, _ = _train_direct(dataclasses.replace(config, sweep_learning_rates=(), learning_rate=0.2), small_splits)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[1], stacked.params), alone.params, atol=1e-6, rtol=1e-5)
+    plan, stacked = fit(config, small)
+    np.testing.assert_allclose(np.asarray(stacked.state.learning_rate), [0.01, 0.2])
+    assert plan.model_lanes() == [{"seed": 0, "learning_rate": 0.01}, {"seed": 0, "learning_rate": 0.2}]
+    _, alone = fit(dataclasses.replace(config, sweep_learning_rates=(), learning_rate=0.2), small)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[1], stacked.state.params), alone.state.params,
+                                atol=1e-6, rtol=1e-5)
 
 
-def test_chunks_of_any_length_share_one_compilation(small_splits):
-    config = Config(**SMALL)
-    run = experiment.Run.create(config, small_splits)
-    chunk_fn = chex.assert_max_traces(n=1)(
-        train.make_train_chunk(run.spec, run.tx, "manual", 50, run.steps_per_epoch, False, 0, jnp.float32))
-    jitted = jax.jit(chunk_fn, donate_argnums=0)
-    state = run.init_state()
-    images, labels = jnp.asarray(small_splits.train.images), jnp.asarray(small_splits.train.labels)
-    perm = run.permutation(state, 0)
+def test_chunks_of_any_length_share_one_compilation(small):
+    plan = train.Plan.create(Config(**SMALL), small)
+    jitted = jax.jit(chex.assert_max_traces(n=1)(plan.make_chunk()), donate_argnums=0)
+    state = plan.init_state()
+    images, labels = train.device_splits(small)["train"]
+    perm = plan.permutation(state, 0)
     for steps in (1, 7, 13):
         state, _ = jitted(state, images, labels, perm, jnp.int32(steps))
     assert int(state.step) == 21
 
 
-def test_divergence_is_reported_with_its_step(small_splits):
-    config = Config(**{**SMALL, "learning_rate": 1e30})
-    _, state, _ = _train_direct(config, small_splits, stop_at=5)
-    run = experiment.Run.create(config, small_splits)
-    images, labels = jnp.asarray(small_splits.train.images), jnp.asarray(small_splits.train.labels)
-    chunk = train.compile_chunk(train.make_train_chunk(run.spec, run.tx, "manual", 50, run.steps_per_epoch, False, 0, jnp.float32),
-                                run.init_state(), images, labels, run.permutation(state, 0), False)
-    _, stats = chunk(run.init_state(), images, labels, run.permutation(state, 0), jnp.int32(30))
-    assert 0 <= int(stats.first_bad_step) < 30
+def test_divergence_stops_the_loop_with_its_step_and_rate(small):
+    with pytest.raises(train.Diverged, match=r"at step \d+ with learning rate 1e\+30") as caught:
+        fit(Config(**{**SMALL, "learning_rate": 1e30}), small)
+    assert 0 <= caught.value.step < 40
 
 
-def test_grad_both_audits_agreement(small_splits):
-    config = Config(**{**SMALL, "epochs": 1}, grad="both", audit_every=10)
-    run = experiment.Run.create(config, small_splits)
-    images, labels = jnp.asarray(small_splits.train.images), jnp.asarray(small_splits.train.labels)
-    state = run.init_state()
-    perm = run.permutation(state, 0)
-    chunk = train.compile_chunk(train.make_train_chunk(run.spec, run.tx, "both", 50, run.steps_per_epoch, False, 10, jnp.float32),
-                                state, images, labels, perm, False)
-    _, stats = chunk(state, images, labels, perm, jnp.int32(40))
-    assert int(stats.audit_count) == 4
-    assert 0 < float(stats.audit_max_rel_error) < 1e-5
+def test_one_diverging_model_of_several_goes_on(small):
+    seen = []
+
+    class Watch(train.Hooks):
+        def model_diverged(self, lane, error):
+            seen.append((lane, error.learning_rate))
+
+    _, result = fit(Config(**{**SMALL, "epochs": 1}, sweep_learning_rates=(0.1, 1e30)), small, hooks=[Watch()])
+    assert [lane for lane, _ in seen] == [1] and seen[0][1] == pytest.approx(1e30, rel=1e-6)
+    assert result.diverged.tolist() == [False, True]
 
 
-def test_flops_per_example_counts_forward_and_backward():
-    # 784-30-10: forward 2*(784*30 + 30*10); dW the same; dA only for the second layer: 2*30*10.
-    assert train.flops_per_example((784, 30, 10)) == 2 * (784 * 30 + 30 * 10) * 2 + 2 * 30 * 10
+def test_grad_both_audits_agreement(small):
+    _, result = fit(Config(**{**SMALL, "epochs": 1}, grad="both", audit_every=10), small)
+    assert result.audit["count"] == 4 and result.audit["passed"]
+    assert 0 <= result.audit["max_violation"] <= 1 and result.audit["max_relative_error"] < 1e-5
+
+
+def test_full_batch_rule_is_one_rule():
+    assert train.is_full_batch(0, 100) and train.is_full_batch(100, 100) and not train.is_full_batch(99, 100)
+    assert train.steps_per_epoch(100, 0) == train.steps_per_epoch(100, 100) == 1
+    assert train.steps_per_epoch(100, 30) == 3
+    with pytest.raises(ValueError, match="batch_size=101"):
+        train.steps_per_epoch(100, 101)
+
+
+def test_plan_refuses_a_network_that_does_not_fit_the_data(small):
+    with pytest.raises(ValueError, match="must start with 784"):
+        train.Plan.create(Config(layer_sizes=(100, 10)), small)
+    with pytest.raises(ValueError, match="batch_size=5000 exceeds"):
+        train.Plan.create(Config(**{**SMALL, "batch_size": 5000}), small)

@@ -153,7 +153,9 @@ def init(key: jax.Array, spec: ModelSpec, dtype=jnp.float32) -> list[dict[str, j
 def activate(z: jax.Array, name: str) -> jax.Array:
     """Applies a nonlinearity by name; softmax runs over the last axis."""
     if name == "relu":
-        return jnp.maximum(z, 0)
+        # where, not maximum: jax.grad of maximum gives 1/2 at z == 0, which is common in conv nets
+        # (zero biases on black background); backprop and jax.grad both use relu'(0) = 0.
+        return jnp.where(z > 0, z, 0)
     if name == "sigmoid":
         return jax.nn.sigmoid(z)
     if name == "tanh":

@@ -71,16 +71,21 @@ def total_steps(config: Config, train_size: int) -> int:
 def model_spec(config: Config, image_shape: tuple[int, ...], num_classes: int, train_size: int) -> model.ModelSpec:
     """The model the config describes, checked against the data: the one place for layer-size rules
     that depend on the dataset (the config checks the rest). Raises a one-line ValueError."""
-    common = dict(activation=config.activation, output=config.output, cost=config.cost, init=config.init,
-                  init_scale=config.init_scale, l2=config.l2_coefficient(train_size))
+    # Model options reach the spec by name: a new one is a Config field and a ModelSpec field.
+    names = {f.name for f in dataclasses.fields(model.ModelSpec)} - {"layers", "input_shape"}
+    common = {name: getattr(config, name) for name in names if hasattr(config, name)}
+    common["l2"] = config.l2_coefficient(train_size)
     pixels = math.prod(image_shape)
-    if not config.layers:
+    layers_text = config.layers
+    if not layers_text:
         sizes = config.layer_sizes
         if sizes[0] != pixels or sizes[-1] < num_classes:
             raise ValueError(f"layer_sizes must start with {pixels} (pixels) and end with at least {num_classes} "
                              f"(classes) for this dataset, got {','.join(map(str, sizes))}")
-        return model.MLPSpec(sizes, **common)
-    spec = model.spec_from_text(config.layers, tuple(image_shape), **common)
+        layers_text = ",".join(f"dense:{n}" for n in sizes[1:])
+    spec = model.ModelSpec(model.parse_layers(layers_text), tuple(image_shape), **common)
+    if not config.layers:
+        return spec  # the dense shorthand may have more outputs than classes
     if spec.num_classes != num_classes:
         last = config.layers.split(",")[-1].strip()
         raise ValueError(f"layers: the last layer {last} must be dense:{num_classes} (the class count)")

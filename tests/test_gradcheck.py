@@ -1,6 +1,5 @@
 import inspect
 import itertools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -176,7 +175,7 @@ def fast_compile(x64):
 
 
 def test_real_backward_pass_passes_on_random_architectures(fast_compile):
-    start = time.perf_counter()
+    """40 cases, one compilation each: ~35 s on two cores shared with other work."""
     failures = []
     for spec, params, batch, seed in _random_cases():
         reports = gradcheck.check(params, batch, spec, jax.random.PRNGKey(seed), coords_per_leaf=3)
@@ -184,7 +183,6 @@ def test_real_backward_pass_passes_on_random_architectures(fast_compile):
         if not gradcheck.verdict(reports):
             failures.append(f"{spec}\n{gradcheck.format_reports(reports)}")
     assert not failures, "\n\n".join(failures)
-    assert time.perf_counter() - start < 120  # ~30 s on two busy cores: one compilation per case
 
 
 def _check(spec, batch_size, seed, coords_per_leaf=3):

@@ -473,7 +473,8 @@ def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_
         name = path.stem
         config = dataclasses.replace(config, num_seeds=seeds, checkpoint_every=0)
         print(f"\n=== {name}: {seeds} seeds ===", flush=True)
-        summary = run_train(config, runs_dir / name, overwrite=True)
+        shutil.rmtree(runs_dir / name, ignore_errors=True)  # a result is always a fresh run, never a resume
+        summary = run_train(config, runs_dir / name)
         table = results.add(table, name, path, summary)
         results.write(table, results_dir)
         results.update_flagfile(path, table["experiments"][name], results_dir / "results.md")

@@ -337,3 +337,26 @@ def test_idx_dataset_of_another_shape_trains_end_to_end(cache_dir, tmp_path):
     assert summary["final"]["test_accuracy"] > 0.9 and len(summary["per_class_test_accuracy"]) == 3
     evaluation = run_cli("--mode=eval", f"--workdir={tmp_path / 'run'}", cache_dir=cache_dir)
     assert "0..2" in evaluation.stdout
+
+
+def test_results_mode_regenerates_table_and_flagfile_header(cache_dir, tmp_path):
+    flagfile = tmp_path / "tiny.cfg"
+    flagfile.write_text("# A tiny experiment.\n#   python run_experiment.py --flagfile=tiny.cfg\n--mode=train\n"
+                        + "\n".join(TINY[:-1]) + "\n--epochs=1\n")
+    readme_before = (ROOT / "README.md").read_text()
+    run_cli("--mode=results", f"--results_flagfiles={flagfile}", "--results_seeds=2", f"--results_dir={tmp_path / 'docs'}",
+            f"--workdir={tmp_path / 'runs'}", cache_dir=cache_dir)
+    table = json.loads((tmp_path / "docs" / "results.json").read_text())["experiments"]["tiny"]
+    assert table["seeds"] == 2 and len(table["test_accuracy"]["values"]) == 2 and table["cpu"]
+    assert "| [tiny]" in (tmp_path / "docs" / "results.md").read_text()
+    header = [line for line in flagfile.read_text().splitlines() if line.startswith("# Result")]
+    assert len(header) == 1 and f"{100 * table['test_accuracy']['mean']:.2f}" in header[0]
+    assert (ROOT / "README.md").read_text() == readme_before  # only --results_dir=docs publishes
+
+
+def test_nan_in_a_flagfile_is_a_flag_error(cache_dir, tmp_path):
+    flagfile = tmp_path / "bad.cfg"
+    flagfile.write_text("--learning_rate=nan\n")
+    result = run_cli(f"--flagfile={flagfile}", "--workdir=/tmp/digits-test-never-written", cache_dir=cache_dir,
+                     check=False)
+    assert result.returncode == 2 and result.stderr.strip() == "error: --learning_rate must be a finite number, got nan"

@@ -30,7 +30,6 @@ Library code: no flags and no printing. `run` reports progress through an option
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import itertools
@@ -43,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digits import backprop, data, model, report, train
+from digits import data, model, report, train
 from digits.config import Config
 
 ROW_KEYS = (

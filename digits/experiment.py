@@ -440,7 +440,7 @@ def run_benchmark(config: Config, workdir: pathlib.Path) -> list[dict]:
     with precision(config):
         dataset = load_dataset(config)
         try:
-            plans = bench.plans(config, dataset)
+            bench.plans(config, dataset)  # every network fits the data, before the workdir or any timing
         except ValueError as e:
             raise UsageError(str(e)) from None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -456,7 +456,6 @@ def run_benchmark(config: Config, workdir: pathlib.Path) -> list[dict]:
             raise UsageError(str(e)) from None
         finally:
             progress.close()
-    del plans
     paths = bench.write_outputs(rows, workdir, config)
     print(bench.format_table(rows))
     print(f"Wrote {', '.join(str(p) for p in paths.values())}")

@@ -141,13 +141,12 @@ def test_layers_without_params_have_no_leaves_and_dropout_is_checked_with_a_fixe
 # --- property test: random architectures, the real backward pass, float64 ----------------------
 
 
-def _random_cases(count=40, seed=0):
+def _random_cases(count=24, seed=0):
     """Every activation x output x cost x (with, without L2), cycled, at random depths and widths.
 
     Params and inputs are drawn with numpy (jax.random would compile anew for every shape): weights
     N(0, gain^2 / n_in) with gains from contracting (vanishing gradients) to saturating, biases
-    N(0, bias_scale^2), never exactly zero: a ReLU at exactly z = 0 has no derivative (backprop
-    takes relu'(0) = 0, jax.grad of jnp.maximum takes 1/2), which no gradient check can arbitrate.
+    N(0, bias_scale^2). 24 cases: each of the 3 x 2 x 2 x 2 combinations once.
     """
     rng = np.random.default_rng(seed)
     combos = list(itertools.product(model.HIDDEN_ACTIVATIONS, model.OUTPUT_ACTIVATIONS, model.COSTS, (0.0, 1e-2)))
@@ -175,7 +174,7 @@ def fast_compile(x64):
 
 
 def test_real_backward_pass_passes_on_random_architectures(fast_compile):
-    """40 cases, one compilation each: ~35 s on two cores shared with other work."""
+    """24 cases, one compilation each: ~30 s on two busy cores."""
     failures = []
     for spec, params, batch, seed in _random_cases():
         reports = gradcheck.check(params, batch, spec, jax.random.PRNGKey(seed), coords_per_leaf=3)

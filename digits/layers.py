@@ -191,14 +191,22 @@ class Conv:
         return grads, dx
 
 
+class _NoParams:
+    """What pool and dropout layers share: no params, and no activation after them."""
+
+    has_params = False
+    activated = False
+
+    def init(self, w_key, b_key, in_shape, init: str, scale: float, dtype) -> dict:
+        return {}
+
+
 @dataclasses.dataclass(frozen=True)
-class Pool:
+class Pool(_NoParams):
     """maxpoolP / avgpoolP. x: (B, H, W, C) -> y: (B, H // P, W // P, C)."""
 
     kind: str  # "max" or "avg"
     size: int
-    has_params = False
-    activated = False
 
     @property
     def text(self) -> str:
@@ -208,9 +216,6 @@ class Pool:
         if self.size > in_shape[0] or self.size > in_shape[1]:
             _fail(self.text, f"window {self.size}x{self.size} is larger than its {in_shape[0]}x{in_shape[1]} input")
         return (in_shape[0] // self.size, in_shape[1] // self.size, in_shape[2])
-
-    def init(self, w_key, b_key, in_shape, init: str, scale: float, dtype) -> dict:
-        return {}
 
     def _windows(self, x):
         """(B, H, W, C) -> (B, H//P, P, W//P, P, C), the remainder dropped; a reshape, no copy."""
@@ -245,12 +250,10 @@ class Pool:
 
 
 @dataclasses.dataclass(frozen=True)
-class Dropout:
+class Dropout(_NoParams):
     """dropout:R. x: any shape -> y of the same shape; the identity without a key."""
 
     rate: float
-    has_params = False
-    activated = False
 
     @property
     def text(self) -> str:
@@ -258,9 +261,6 @@ class Dropout:
 
     def output_shape(self, in_shape):
         return in_shape
-
-    def init(self, w_key, b_key, in_shape, init: str, scale: float, dtype) -> dict:
-        return {}
 
     def forward(self, params, x, key=None):
         """x -> (x * keep / (1 - R), cache = keep / (1 - R)); (x, None) when off."""

@@ -12,6 +12,7 @@ bounds, the JSON in `config.json` and the resume fingerprint follow from it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
@@ -227,9 +228,15 @@ def fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(Config)
 
 
+@functools.cache
+def _type_hints() -> dict:
+    """Config's annotations, resolved once (they are strings under `from __future__ import annotations`)."""
+    return typing.get_type_hints(Config)
+
+
 def element_type(f: dataclasses.Field) -> type:
     """The Python type of a field (for tuples, of its elements)."""
-    hint = typing.get_type_hints(Config)[f.name]
+    hint = _type_hints()[f.name]
     if typing.get_origin(hint) is tuple:
         return typing.get_args(hint)[0]
     return hint

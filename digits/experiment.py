@@ -475,7 +475,7 @@ def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_
         summary = run_train(config, runs_dir / name)
         table = results.add(table, name, path, summary)
         results.write(table, results_dir)
-        results.update_flagfile(path, table["experiments"][name], results_dir / "results.md")
+        results.update_flagfile(path, table["experiments"][name])
     if readme is not None and not results.update_readme(readme, table):
         logging.warning("%s has no results markers; its table was not updated", readme)
     print(f"Wrote {results_dir / 'results.md'} and {results_dir / 'results.json'}")

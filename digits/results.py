@@ -103,7 +103,7 @@ def result_line(entry: dict) -> str:
             f"max {100 * t['max']:.2f}) over {entry['seeds']} seeds{spe} on {entry['cpu']}.")
 
 
-def update_flagfile(path: pathlib.Path, entry: dict, _results_md: pathlib.Path | None = None) -> None:
+def update_flagfile(path: pathlib.Path, entry: dict) -> None:
     """Replaces the flagfile's "# Result" line (or adds one after the header's first lines)."""
     path = pathlib.Path(path)
     lines = path.read_text().splitlines()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging as python_logging
+import os
 import pathlib
 import re
 import sys
@@ -36,6 +37,13 @@ flags.DEFINE_list("results_flagfiles", [], "For --mode=results: the experiment f
 flags.DEFINE_integer("results_seeds", 5, "For --mode=results: seeds per experiment (trained at once with vmap).",
                      lower_bound=1)
 flags.DEFINE_string("results_dir", "docs", "For --mode=results: where results.md and results.json go.")
+# Process setup: how this process joins the devices, not what it computes (so not in the Config).
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for a multi-process run (jax.distributed); "
+                    "without it, SLURM / Open MPI / TPU-pod jobs are detected by JAX, anything else is one process.")
+flags.DEFINE_integer("num_processes", 0, "Processes in the multi-process run (with --coordinator_address).", lower_bound=0)
+flags.DEFINE_integer("process_id", -1, "This process's index in [0, --num_processes).", lower_bound=-1)
+flags.DEFINE_integer("cpu_devices", 0, "Make the CPU platform expose this many devices (to try meshes on one "
+                     "machine; 0: JAX's default, one).", lower_bound=0)
 
 
 class FlagError(ValueError):
@@ -141,6 +149,31 @@ def run(mode: str) -> int:
     return 0
 
 
+def check_processes() -> None:
+    """The process flags agree with each other (before any of them is acted on)."""
+    if FLAGS.coordinator_address:
+        if FLAGS.num_processes < 1 or not 0 <= FLAGS.process_id < FLAGS.num_processes:
+            raise FlagError(f"--coordinator_address needs --num_processes >= 1 and --process_id in [0, num_processes), "
+                            f"got --num_processes={FLAGS.num_processes} --process_id={FLAGS.process_id}")
+    elif FLAGS.num_processes or FLAGS.process_id >= 0:
+        raise FlagError("--num_processes and --process_id need --coordinator_address=host:port")
+
+
+def start_processes() -> None:
+    """Joins the devices (and, for a multi-process run, the other processes); then only process 0
+    talks to the terminal."""
+    from digits import parallel
+
+    check_processes()
+    try:
+        parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.cpu_devices)
+    except (RuntimeError, ValueError) as e:
+        raise FlagError(f"cannot start JAX's distributed runtime: {' '.join(str(e).split())}") from None
+    if not parallel.is_primary():
+        sys.stdout = open(os.devnull, "w")  # errors still reach stderr
+        logging.set_verbosity(logging.WARNING)
+
+
 def main(argv) -> int:
     python_logging.getLogger("jax._src.xla_bridge").setLevel(python_logging.WARNING)  # no libtpu noise
     if len(argv) > 1:
@@ -148,6 +181,7 @@ def main(argv) -> int:
     from digits import experiment
 
     try:
+        start_processes()
         return run(FLAGS.mode)
     except (FlagError, experiment.UsageError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -78,3 +78,27 @@ def value_and_grad(params, batch: tuple[jax.Array, jax.Array], spec: model.Model
 def autodiff_value_and_grad(params, batch, spec: model.ModelSpec, dropout_key=None):
     """The reference gradient: `jax.value_and_grad` of `losses.loss`."""
     return jax.value_and_grad(losses.loss)(params, batch, spec, dropout_key)
+
+
+def all_reduce_mean(loss, grads, axis: str, shards: int):
+    """The last step of data-parallel backpropagation, run inside `jax.shard_map`.
+
+    Each of the `shards` devices along mesh axis `axis` holds the loss and gradients of its
+    slice of the batch (means over the slice). The batch mean is the mean of the slices' means,
+    so every dW and db (and the loss) is summed across the devices — the all-reduce, the one
+    communication of a training step — and divided by the shard count. The L2 term, which every
+    slice adds whole, survives the division once.
+    """
+    mean = lambda value: jax.lax.psum(value, axis) / shards  # noqa: E731
+    return mean(loss), [{name: mean(g) for name, g in layer.items()} for layer in grads]
+
+
+def data_parallel(value_and_grad, axis: str, shards: int):
+    """value_and_grad over a batch slice, followed by the all-reduce: the global batch's
+    (loss, grads) on every device of `axis`. For `value_and_grad` or `autodiff_value_and_grad`."""
+
+    def sharded_value_and_grad(params, batch, spec: model.ModelSpec, dropout_key=None):
+        loss, grads = value_and_grad(params, batch, spec, dropout_key)
+        return all_reduce_mean(loss, grads, axis, shards)
+
+    return sharded_value_and_grad

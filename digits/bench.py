@@ -148,7 +148,7 @@ class _RowTimer:
         key = (network, self.plan.batch_size, grad, num_seeds, jnp.dtype(self.plan.dtype).name)
         if key not in cache:
             t0 = time.perf_counter()
-            compiled = train.compile_chunk(self.plan.make_chunk(), self.state, images, labels, self.perm, self.plan.vmapped)
+            compiled = train.compile_chunk(self.plan, self.state, images, labels, self.perm)
             cache[key] = (compiled, time.perf_counter() - t0, analyse_gradient(self.plan))
         self.compiled, self.compile_s, self.analysis = cache[key]
 

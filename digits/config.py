@@ -146,6 +146,14 @@ class Config:
     num_seeds: int = option(1, "Train K models (seeds seed..seed+K-1) at once with jax.vmap.", lower=1)
     sweep_learning_rates: tuple[float, ...] = option((), "Also vmap over these learning rates (crossed with "
                                                      "the seeds).", parse=parse_floats, above=0)
+    shared_data_order: bool = option(False, "With --num_seeds > 1: every seed sees the same batches (the data order, "
+                                     "augmentation and dropout of --seed), so seeds vary only the initialisation and "
+                                     "the K models' first-layer products run as one wide matmul. Learning-rate sweeps "
+                                     "of one seed always share their data.")
+    # devices
+    num_devices: int = option(0, "Devices to use (0: all of the platform's devices, as many as the models and the "
+                              "batch split evenly). K models spread over a 'model' mesh axis (gcd(K, devices)), each "
+                              "batch over a 'data' axis (the rest).", lower=0, fingerprint=False, group="devices")
     # augmentation
     augment_shift: int = option(0, "Random shifts of up to N pixels per training image (Nielsen's expanded "
                                 "data: 1).", lower=0, upper=8, group="augmentation")
@@ -172,6 +180,8 @@ class Config:
                                                    lower=1, fingerprint=False)
     bench_num_seeds: tuple[int, ...] = option((1,), "Models trained at once (vmapped) per row.", parse=parse_ints,
                                               lower=1, fingerprint=False)
+    bench_devices: tuple[int, ...] = option((), "Also time each row on these device counts (data parallel), e.g. "
+                                            "1,2,4,8.", parse=parse_ints, lower=1, fingerprint=False)
     bench_repeats: int = option(5, "Timed calls per row after warm-up.", lower=1, fingerprint=False)
     bench_max_row_seconds: float = option(4.0, "Cap on the timed work of one row.", above=0, fingerprint=False)
     bench_platform: str = option("", "cpu, gpu or tpu when several are present (default: JAX's default).",

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from digits import bench, checkpoint, data, files, gradcheck, model, predict, report, results, train
+from digits import bench, checkpoint, data, files, gradcheck, model, parallel, predict, report, results, train
 from digits.config import Config
 
 CONFIG_FILE = "config.json"
@@ -74,11 +74,13 @@ def prepare_workdir(workdir: pathlib.Path, config: Config, overwrite: bool, extr
                     f"{workdir} holds a run with a different config ({', '.join(differs)} differ); "
                     "pass --overwrite to replace it or choose another --workdir"
                 )
-            for name in OUTPUT_FILES + (CHECKPOINT_DIR,):
-                path = workdir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    report.write_json(config_path, {"config": config.to_dict(), **report.environment(), **extra})
+            if parallel.is_primary():
+                for name in OUTPUT_FILES + (CHECKPOINT_DIR,):
+                    path = workdir / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if parallel.is_primary():  # in a multi-process run, process 0 writes; every process checks
+        workdir.mkdir(parents=True, exist_ok=True)
+        report.write_json(config_path, {"config": config.to_dict(), **report.environment(), **extra})
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -103,7 +105,8 @@ def load_dataset(config: Config) -> data.Dataset:
 
 
 def make_plan(config: Config, dataset: data.Dataset) -> train.Plan:
-    """train.Plan.create, with a config that does not fit the data as a one-line UsageError."""
+    """train.Plan.create, with a config that does not fit the data or the devices as a one-line
+    UsageError."""
     try:
         return train.Plan.create(config, dataset)
     except ValueError as e:
@@ -118,7 +121,8 @@ class Progress:
 
     def __init__(self, total: int, initial: int, unit: str = "step"):
         self.bar = None
-        if sys.stderr.isatty():
+        self.quiet = not parallel.is_primary()  # one progress report per run, not one per process
+        if sys.stderr.isatty() and not self.quiet:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True)
@@ -127,7 +131,9 @@ class Progress:
 
     def update(self, position: int, fields: dict) -> None:
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items() if v is not None}
-        if self.bar is not None:
+        if self.quiet:
+            pass
+        elif self.bar is not None:
             self.bar.update(position - self.position)
             self.bar.set_postfix(shown, refresh=False)
         else:
@@ -180,7 +186,7 @@ def initial_gradient_check(params, dataset: data.Dataset, spec: model.ModelSpec,
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
     """On resume, drop records a killed run logged after its last checkpoint."""
-    if path.exists():
+    if path.exists() and parallel.is_primary():
         kept = [r for r in report.read_metrics(path) if r.get("step", 0) <= step]
         with files.atomic_open(path, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in kept))
@@ -194,7 +200,7 @@ class _WorkdirHooks(train.Hooks):
         self.plan, self.ckpt_dir, self.stop = plan, workdir / CHECKPOINT_DIR, stop
         self.last_checkpoint, self.metrics = last_checkpoint, metrics
         self.progress = Progress(plan.total_steps, step)
-        self.tb = report.TensorBoardWriter(workdir / "tensorboard") if tensorboard else None
+        self.tb = report.TensorBoardWriter(workdir / "tensorboard") if tensorboard and metrics else None
         self.fingerprint = {"fingerprint": plan.config.training_fingerprint()}
 
     def save(self, step: int, state) -> None:
@@ -210,7 +216,8 @@ class _WorkdirHooks(train.Hooks):
                               "re-run the same command to resume")
 
     def after_eval(self, step, state, record):
-        self.metrics.write(record)
+        if self.metrics:
+            self.metrics.write(record)
         if self.tb:
             self.tb.scalars(step, record)
         self.progress.update(step, {"loss": record["loss"], "val_acc": record["validation_accuracy"]})
@@ -235,7 +242,8 @@ def describe(plan: train.Plan, dataset: data.Dataset) -> str:
     return (f"{dataset.name} ({dataset.source}): {len(dataset.train)} train, {len(dataset.validation)} validation, "
             f"{len(dataset.test)} test; {net} {c.activation}/{c.output}/{c.cost}; {c.optimizer} lr "
             f"{','.join(map(str, c.learning_rates))}; grad={c.grad}; {c.num_models} model(s); {plan.total_steps} steps "
-            f"on {jax.devices()[0].device_kind}")
+            f"on {jax.devices()[0].device_kind}, {plan.layout.describe()}"
+            + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
 
 
 def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False, tensorboard: bool = False) -> dict:
@@ -248,25 +256,28 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     started = time.perf_counter()
     dataset = load_dataset(config)
     plan = make_plan(config, dataset)
-    prepare_workdir(workdir, config, overwrite, {"train_size": len(dataset.train), "data_source": dataset.source})
+    prepare_workdir(workdir, config, overwrite, {"train_size": len(dataset.train), "data_source": dataset.source,
+                                                 "mesh": plan.layout.to_dict()})
     ckpt_dir = workdir / CHECKPOINT_DIR
     print(describe(plan, dataset), flush=True)
 
-    state = plan.init_state()
-    first_params = jax.tree.map(lambda x: x[0], state.params) if plan.vmapped else state.params
+    host_state = plan.init_state(placed=False)
+    first_params = jax.tree.map(lambda x: x[0], host_state.params) if plan.vmapped else host_state.params
     gradient_check = initial_gradient_check(first_params, dataset, plan.spec, plan.dtype)
+    state = plan.place(host_state)
     try:
         restored = checkpoint.latest_step(ckpt_dir)
         if restored is not None:
-            state, _ = checkpoint.restore(ckpt_dir, state)
+            state, _ = checkpoint.restore(ckpt_dir, state)  # onto this run's mesh, whatever the saving run's
             print(f"Resuming from the checkpoint at step {restored} in {ckpt_dir}", flush=True)
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
-    step = int(np.asarray(state.step).reshape(-1)[0])
+    step = train.host_step(state)
     _truncate_metrics(workdir / METRICS_FILE, step)
 
-    device = train.device_splits(dataset)
-    with report.MetricsWriter(workdir / METRICS_FILE) as metrics, stop_requests() as stop:
+    device = train.device_splits(dataset, plan.layout)
+    metrics_file = report.MetricsWriter(workdir / METRICS_FILE) if parallel.is_primary() else contextlib.nullcontext()
+    with metrics_file as metrics, stop_requests() as stop:
         hooks = _WorkdirHooks(plan, workdir, step, restored, stop, metrics, tensorboard)
         try:
             result = train.fit(plan, state, device, [hooks])
@@ -280,7 +291,8 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     final = result.evaluator.splits(result.state.params, device, ("train_subset", "validation", "test"))
     summary = _final_summary(plan, dataset, workdir, result, final, gradient_check)
     summary["timings"] = {**result.timings(plan), "total_s": time.perf_counter() - started}
-    report.write_json(workdir / SUMMARY_FILE, summary)
+    if parallel.is_primary():
+        report.write_json(workdir / SUMMARY_FILE, summary)
     _print_final(summary, workdir)
     return summary
 
@@ -289,13 +301,14 @@ def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: tra
                    gradient_check: dict) -> dict:
     first = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
     cm = report.confusion_matrix(dataset.test.labels, first, plan.spec.num_classes)
-    report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
-    report.plot_misclassified(dataset.test.images, dataset.test.labels, first, workdir / "misclassified.png")
-    report.plot_learning_curves(report.read_metrics(workdir / METRICS_FILE), workdir / "learning_curves.png")
+    if parallel.is_primary():
+        report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
+        report.plot_misclassified(dataset.test.images, dataset.test.labels, first, workdir / "misclassified.png")
+        report.plot_learning_curves(report.read_metrics(workdir / METRICS_FILE), workdir / "learning_curves.png")
     metrics = {k: v for k, v in final.items() if not k.endswith("_predictions")}
     if plan.vmapped:
         metrics = {k: np.where(result.diverged, np.nan, v) for k, v in metrics.items()}
-    steps = int(np.asarray(result.state.step).reshape(-1)[0])
+    steps = train.host_step(result.state)
     summary = {
         "mode": "train",
         "config": plan.config.to_dict(),
@@ -303,6 +316,7 @@ def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: tra
         "steps": steps,
         "epochs": steps / plan.steps_per_epoch,
         "num_models": plan.config.num_models,
+        "mesh": plan.layout.to_dict(),
         "final": {k: train.mean_over_models(v) for k, v in metrics.items()},
         "per_class_test_accuracy": report.per_class_accuracy(cm).tolist(),
         "gradient_check_at_init": gradient_check,
@@ -367,7 +381,11 @@ def load_trained(workdir: pathlib.Path):
         state, _ = checkpoint.restore(workdir / CHECKPOINT_DIR, plan.init_state())
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
-    params = jax.tree.map(lambda x: x[0], state.params) if plan.vmapped else state.params
+    params = state.params
+    if plan.vmapped:  # model 0, on every device (and process) of a mesh
+        first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
+        on_mesh = plan.layout.mesh is not None
+        params = jax.jit(first, out_shardings=plan.layout.sharding(parallel.P()))(params) if on_mesh else first(params)
     if plan.vmapped:
         logging.info("%s holds %d models; using model 0 (seed %d)", workdir, config.num_models, config.seed)
     return config, dataset, plan, params
@@ -377,8 +395,8 @@ def run_eval(workdir: pathlib.Path) -> dict:
     """Loss, accuracy and per-class accuracy on validation and test from the latest checkpoint."""
     with precision(read_workdir_config(workdir)):
         config, dataset, plan, params = load_trained(workdir)
-        evaluator = train.Evaluator(plan.spec, plan.dtype, vmapped=False)
-        found = evaluator.splits(params, train.device_splits(dataset), ("validation", "test"))
+        evaluator = train.Evaluator(plan.spec, plan.dtype, vmapped=False, layout=plan.layout)
+        found = evaluator.splits(params, train.device_splits(dataset, plan.layout), ("validation", "test"))
     summary = {"mode": "eval", "workdir": str(workdir)}
     num_classes = plan.spec.num_classes
     print(f"{'split':<12} {'loss':>8} {'accuracy':>9}   per-class accuracy (0..{num_classes - 1})")
@@ -392,9 +410,10 @@ def run_eval(workdir: pathlib.Path) -> dict:
                          "per_class_accuracy": per_class.tolist(), "confusion_matrix": cm.tolist()}
         print(f"{name:<12} {float(found[f'{name}_loss']):8.4f} {float(found[f'{name}_accuracy']):9.4f}   "
               + " ".join(f"{a:.3f}" for a in per_class))
-        if name == "test":
+        if name == "test" and parallel.is_primary():
             report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
-    report.write_json(workdir / "eval.json", summary)
+    if parallel.is_primary():
+        report.write_json(workdir / "eval.json", summary)
     print(f"Wrote {workdir / 'eval.json'} and {workdir / 'confusion_matrix.png'}")
     return summary
 

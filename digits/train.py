@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from digits import augment, backprop, data, gradcheck, losses, model
+from jax.sharding import PartitionSpec as P
+
+from digits import augment, backprop, data, gradcheck, losses, model, parallel
 from digits.config import Config
 
 TRAIN_ACCURACY_EXAMPLES = 10000  # train accuracy is measured on this fixed prefix, to bound its cost
@@ -107,25 +109,56 @@ class Plan:
     eval_every: int
     vmapped: bool
     tx: optax.GradientTransformation
+    layout: parallel.Layout = parallel.SINGLE
+    shared_data: bool = False  # K models see the same batches: the batch is computed once per step
 
     @classmethod
-    def create(cls, config: Config, dataset: data.Dataset) -> Plan:
-        """Raises a one-line ValueError when the config does not fit the data."""
+    def create(cls, config: Config, dataset: data.Dataset, devices=None) -> Plan:
+        """Raises a one-line ValueError when the config does not fit the data or the devices
+        (default: all of JAX's default platform; `config.num_devices` picks how many)."""
         n = len(dataset.train)
         if config.batch_size > n:
             raise ValueError(f"batch_size={config.batch_size} exceeds the {n} training images")
         spec = model_spec(config, dataset.image_shape, dataset.num_classes, n)
         spe, full, total = steps_per_epoch(n, config.batch_size), is_full_batch(config.batch_size, n), total_steps(config, n)
-        return cls(config, spec, jnp.dtype(config.dtype_name), n, n if full else config.batch_size, spe, full, total,
-                   config.eval_every or (50 if full else spe), config.num_models > 1, make_optimizer(config, total, spe))
+        batch = n if full else config.batch_size
+        layout = parallel.choose_layout(config.num_models, batch, config.num_devices, devices)
+        vmapped = config.num_models > 1
+        return cls(config, spec, jnp.dtype(config.dtype_name), n, batch, spe, full, total,
+                   config.eval_every or (50 if full else spe), vmapped, make_optimizer(config, total, spe), layout,
+                   vmapped and (config.num_seeds == 1 or config.shared_data_order))
 
-    def init_state(self) -> TrainState:
-        return init_run_state(self.config, self.spec, self.tx, self.dtype)
+    @property
+    def lanes_spec(self) -> P:
+        """How per-model arrays (the state, the data orders) lie on the mesh."""
+        return P(parallel.MODEL) if self.vmapped else P()
+
+    def init_state(self, placed: bool = True) -> TrainState:
+        """The fresh state of every model, on the mesh (or, placed=False, on the default device)."""
+        state = init_run_state(self.config, self.spec, self.tx, self.dtype)
+        return self.place(state) if placed else state
+
+    def place(self, state: TrainState) -> TrainState:
+        """A state with this plan's shapes onto the devices (a restored or a fresh one)."""
+        return state if self.layout.mesh is None else parallel.place(state, self.layout, self.lanes_spec)
 
     def permutation(self, state: TrainState, epoch: int) -> jax.Array:
-        if self.full_batch:  # every step sees the whole set: no order needed
-            return jnp.zeros((self.config.num_models, 0) if self.vmapped else (0,), jnp.int32)
-        return permutations(state, epoch, self.train_size, self.vmapped)
+        """The epoch's data order: int32 (N,), (K, N) for K models that do not share their data,
+        (0,) / (K, 0) for full batch (every step sees the whole set)."""
+        per_lane = self.vmapped and not self.shared_data
+        if self.layout.mesh is None and not self.shared_data:  # on the device, from the state's own keys
+            if self.full_batch:
+                return jnp.zeros((self.config.num_models, 0) if per_lane else (0,), jnp.int32)
+            return permutations(state.data_key, epoch, self.train_size, per_lane)
+        if self.full_batch:
+            order = np.zeros((self.config.num_models, 0) if per_lane else (0,), np.int32)
+        else:  # from the config's keys: a state spread over processes cannot be read here
+            keys = [seed_keys(lane["seed"])[1] for lane in self.model_lanes()]
+            keys = jnp.stack(keys) if per_lane else keys[0]
+            order = np.asarray(permutations(keys, epoch, self.train_size, per_lane))
+        if self.layout.mesh is None:
+            return jnp.asarray(order)
+        return parallel.place(order, self.layout, self.lanes_spec if per_lane else P())
 
     def chunk_end(self, step: int) -> int:
         """Chunks end at evaluations, epochs, checkpoints, `steps_per_call` and the last step,
@@ -138,15 +171,14 @@ class Plan:
                 ends.append(_next_multiple(step, every))
         return min(ends)
 
-    def learning_rate(self, state: TrainState, step: int, lane: int | None = None) -> float:
+    def learning_rate(self, step: int, lane: int | None = None) -> float:
         """The effective learning rate at `step` of model `lane` (the mean over models if None)."""
-        rates = np.atleast_1d(np.asarray(state.learning_rate, np.float64))
+        rates = np.array([m["learning_rate"] for m in self.model_lanes()], np.float64)
         base = float(rates.mean() if lane is None else rates[lane])
         return base * float(lr_multiplier(self.config, self.total_steps, self.steps_per_epoch)(step))
 
     def make_chunk(self):
-        return make_train_chunk(self.spec, self.tx, self.config, self.batch_size, self.steps_per_epoch,
-                                self.full_batch, self.dtype)
+        return make_train_chunk(self)
 
     def model_lanes(self) -> list[dict]:
         """Seed and learning rate of each of the K models, in state order."""
@@ -190,27 +222,36 @@ def make_optimizer(config: Config, total_steps: int, steps_per_epoch: int) -> op
     return optax.chain(direction, optax.scale_by_schedule(lr_multiplier(config, total_steps, steps_per_epoch)))
 
 
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, data key) of a seed: the initialisation, and the data order, augmentation and dropout."""
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, data_key
+
+
 def init_state(seed: int, learning_rate: float, spec: model.ModelSpec, tx: optax.GradientTransformation, dtype) -> TrainState:
     """A fresh state; init and data order both derive from `seed`."""
-    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    init_key, data_key = seed_keys(seed)
     params = model.init(init_key, spec, dtype)
     return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jnp.asarray(learning_rate, dtype), data_key)
 
 
 def init_run_state(config: Config, spec: model.ModelSpec, tx, dtype) -> TrainState:
     """One state, or K = num_seeds x len(learning_rates) states stacked on a leading axis
-    (lane i = (seed + s, lr), learning rates outermost)."""
+    (lane i = (seed + s, lr), learning rates outermost). With shared_data_order every lane takes
+    the data key of `seed`, so only the initialisations differ."""
     if config.num_models == 1:
         return init_state(config.seed, config.learning_rate, spec, tx, dtype)
     lanes = [init_state(config.seed + s, lr, spec, tx, dtype) for lr in config.learning_rates for s in range(config.num_seeds)]
+    if config.shared_data_order:
+        lanes = [lane._replace(data_key=lanes[0].data_key) for lane in lanes]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *lanes)
 
 
-def permutations(state: TrainState, epoch: int, num_examples: int, vmapped: bool) -> jax.Array:
-    """This epoch's data order: int32 (N,), or (K, N) for K stacked models."""
+def permutations(data_keys: jax.Array, epoch: int, num_examples: int, vmapped: bool) -> jax.Array:
+    """This epoch's data order: int32 (N,) from one key (2,), or (K, N) from K keys (K, 2)."""
     if vmapped:
-        return jax.vmap(epoch_permutation, in_axes=(0, None, None))(state.data_key, epoch, num_examples)
-    return epoch_permutation(state.data_key, epoch, num_examples)
+        return jax.vmap(epoch_permutation, in_axes=(0, None, None))(data_keys, epoch, num_examples)
+    return epoch_permutation(data_keys, epoch, num_examples)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -234,41 +275,57 @@ def grad_function(grad: str):
 # --- the compiled chunk -------------------------------------------------------------------------
 
 
-def make_train_chunk(spec: model.ModelSpec, tx, config: Config, batch_size: int, steps_per_epoch: int,
-                     full_batch: bool, dtype):
+def make_train_chunk(plan: Plan):
     """Returns chunk(state, images, labels, perm, num_steps) -> (state, ChunkStats), not yet jitted.
 
-    images: uint8 (N, H, W) on the device; labels: int32 (N,); perm: int32 (N,) this epoch's
-    order (ignored for full batch); num_steps: int32 (), may be traced. A chunk must not cross an
-    epoch boundary (the caller passes a new perm at each epoch). Uses from the config: grad,
-    audit_every and the augmentation settings.
+    state: one model's, or K models' stacked (plan.vmapped); images: uint8 (N, H, W) on the
+    device; labels: int32 (N,); perm: this epoch's order, int32 (N,) or (K, N) (see
+    `Plan.permutation`; ignored for full batch); num_steps: int32 (), may be traced. A chunk must
+    not cross an epoch boundary (the caller passes a new perm at each epoch). ChunkStats has one
+    value per model when vmapped.
+
+    On a mesh (`compile_chunk` wraps this in `jax.shard_map`) it is what ONE device runs: its K/M
+    models, and its 1/D slice of each batch, whose gradient is all-reduced across the data axis
+    (`backprop.data_parallel`). Dropout and augmentation then draw per slice (the key folds in
+    the slice index): the same distribution as on one device, not the same draws.
     """
-    value_and_grad = grad_function(config.grad)
+    config, spec, dtype = plan.config, plan.spec, plan.dtype
+    shards = plan.layout.data_size
+    local_batch = plan.batch_size // shards
+    value_and_grad, reference = grad_function(config.grad), backprop.autodiff_value_and_grad
+    if shards > 1:
+        value_and_grad = backprop.data_parallel(value_and_grad, parallel.DATA, shards)
+        reference = backprop.data_parallel(reference, parallel.DATA, shards)
     audit_every = config.audit_every if config.grad == "both" else 0
     augmenting = bool(config.augment_shift or config.augment_rotation or config.augment_scale)
     needs_keys = augmenting or spec.has_dropout
-    prescale = full_batch and not augmenting  # then every step reads the same inputs: convert them once
+    prescale = plan.full_batch and not augmenting  # then every step reads the same inputs: convert them once
 
-    def batch_at(state, images, labels, perm, augment_key):
-        """The step's batch: (x float (B, *input_shape) in [0, 1], labels int32 (B,))."""
+    def shard_index():
+        return jax.lax.axis_index(parallel.DATA) if shards > 1 else 0
+
+    def shard_key(key):
+        return jax.random.fold_in(key, shard_index()) if shards > 1 and key is not None else key
+
+    def batch_at(step, augment_key, images, labels, perm):
+        """This device's part of the step's batch: (x float (B/D, *input_shape) in [0, 1], labels int32 (B/D,))."""
         if prescale:
             return images, labels
-        if not full_batch:
-            start = (state.step % steps_per_epoch) * batch_size
-            idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
+        if not plan.full_batch:
+            start = (step % plan.steps_per_epoch) * plan.batch_size + shard_index() * local_batch
+            idx = jax.lax.dynamic_slice_in_dim(perm, start, local_batch)
             images, labels = images[idx], labels[idx]
         if augmenting:
-            images = augment.augment(augment_key, images, config.augment_shift, config.augment_rotation,
+            images = augment.augment(shard_key(augment_key), images, config.augment_shift, config.augment_rotation,
                                      config.augment_scale)
         return model.inputs(images, spec, dtype), labels
 
     def audit_step(state, batch, grads, dropout_key, stats):
         def compare(_):
-            reference = backprop.autodiff_value_and_grad(state.params, batch, spec, dropout_key)[1]
-            return gradcheck.tree_agreement(grads, reference)
+            return gradcheck.tree_agreement(grads, reference(state.params, batch, spec, dropout_key)[1])
 
         due = state.step % audit_every == 0
-        zero = jnp.zeros((), dtype)
+        zero = jnp.zeros_like(stats.audit_max_violation)  # (on a mesh: varying as the state does)
         violation, rel, max_abs = jax.lax.cond(due, compare, lambda _: (zero, zero, zero), None)
         return stats._replace(
             audit_count=stats.audit_count + due,
@@ -277,35 +334,80 @@ def make_train_chunk(spec: model.ModelSpec, tx, config: Config, batch_size: int,
             audit_max_abs_error=jnp.maximum(stats.audit_max_abs_error, max_abs),
         )
 
+    def model_step(state, stats, images, labels, perm, batch):
+        """One update of one model; `batch` is None unless the models share it."""
+        dropout_key, augment_key = step_keys(state.data_key, state.step) if needs_keys else (None, None)
+        if batch is None:
+            batch = batch_at(state.step, augment_key, images, labels, perm)
+        dropout_key = shard_key(dropout_key) if spec.has_dropout else None
+        loss, grads = value_and_grad(state.params, batch, spec, dropout_key)
+        if audit_every:
+            stats = audit_step(state, batch, grads, dropout_key, stats)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, u: p - state.learning_rate * u, state.params, updates)
+        bad = (stats.first_bad_step < 0) & ~jnp.isfinite(loss)
+        stats = stats._replace(
+            loss_sum=stats.loss_sum + loss, first_bad_step=jnp.where(bad, state.step, stats.first_bad_step)
+        )
+        return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key), stats
+
+    tx = plan.tx
+    if not plan.vmapped:
+        step_all = model_step
+    elif plan.shared_data:
+        # The batch is not vmapped, so `x @ W_k` for all k is one (B, n) x (n, K*h) product.
+        step_all = jax.vmap(model_step, in_axes=(0, 0, None, None, None, None))
+    else:
+        step_all = jax.vmap(model_step, in_axes=(0, 0, None, None, 0, None))
+
+    def shared_batch(state, images, labels, perm):
+        """The batch every model trains on (their steps and data keys are equal)."""
+        if not plan.shared_data:
+            return None
+        step, data_key = state.step[0], state.data_key[0]
+        augment_key = step_keys(data_key, step)[1] if augmenting else None
+        return batch_at(step, augment_key, images, labels, perm)
+
     def chunk(state, images, labels, perm, num_steps):
         def body(_, carry):
             state, stats = carry
-            dropout_key, augment_key = step_keys(state.data_key, state.step) if needs_keys else (None, None)
-            dropout_key = dropout_key if spec.has_dropout else None
-            batch = batch_at(state, images, labels, perm, augment_key)
-            loss, grads = value_and_grad(state.params, batch, spec, dropout_key)
-            if audit_every:
-                stats = audit_step(state, batch, grads, dropout_key, stats)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = jax.tree.map(lambda p, u: p - state.learning_rate * u, state.params, updates)
-            bad = (stats.first_bad_step < 0) & ~jnp.isfinite(loss)
-            stats = stats._replace(
-                loss_sum=stats.loss_sum + loss, first_bad_step=jnp.where(bad, state.step, stats.first_bad_step)
-            )
-            return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key), stats
+            return step_all(state, stats, images, labels, perm, shared_batch(state, images, labels, perm))
 
+        if plan.full_batch and shards > 1:  # this device's slice of the whole set, every step
+            start = shard_index() * local_batch
+            images = jax.lax.dynamic_slice_in_dim(images, start, local_batch)
+            labels = jax.lax.dynamic_slice_in_dim(labels, start, local_batch)
         if prescale:
             images = model.inputs(images, spec, dtype)
         zero = jnp.zeros((), dtype)
         stats = ChunkStats(zero, jnp.asarray(-1, jnp.int32), jnp.zeros((), jnp.int32), zero, zero, zero)
-        return jax.lax.fori_loop(0, num_steps, body, (state, stats))
+        if plan.vmapped:  # one per model, varying along the mesh's model axis as the state does
+            stats = jax.tree.map(lambda x: x + jnp.zeros_like(state.step, x.dtype), stats)
+        state, stats = jax.lax.fori_loop(0, num_steps, body, (state, stats))
+        if plan.vmapped and plan.layout.mesh is not None:  # every device returns every model's stats
+            stats = jax.tree.map(gather_models, stats)
+        return state, stats
+
+    def gather_models(x):
+        """(K/M,) values of this device's models -> (K,) on every device: each writes its own
+        slots and a sum over the model axis fills in the rest."""
+        local = x.shape[0]
+        slots = jnp.zeros((local * plan.layout.model_size,), x.dtype)
+        mine = jax.lax.dynamic_update_slice_in_dim(slots, x, jax.lax.axis_index(parallel.MODEL) * local, 0)
+        return jax.lax.psum(mine, parallel.MODEL)
 
     return chunk
 
 
-def compile_chunk(chunk_fn, state, images, labels, perm, vmapped: bool):
-    """AOT-compiles a chunk (donating the state) so compile time is measured apart from step time."""
-    fn = jax.vmap(chunk_fn, in_axes=(0, None, None, 0, None)) if vmapped else chunk_fn
+def compile_chunk(plan: Plan, state, images, labels, perm):
+    """AOT-compiles the plan's chunk (donating the state) so compile time is measured apart from
+    step time. On a mesh the chunk runs under `jax.shard_map`: per-model arrays split along the
+    model axis, the dataset replicated, the batch split inside the chunk."""
+    fn = plan.make_chunk()
+    if plan.layout.mesh is not None:
+        lanes = plan.lanes_spec
+        perm_spec = lanes if plan.vmapped and not plan.shared_data else P()
+        fn = jax.shard_map(fn, mesh=plan.layout.mesh, in_specs=(lanes, P(), P(), perm_spec, P()), out_specs=(lanes, P()))
     jitted = jax.jit(fn, donate_argnums=0)
     return jitted.lower(state, images, labels, perm, jnp.int32(1)).compile()
 
@@ -346,9 +448,11 @@ def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int = 10000):
 class Evaluator:
     """Compiled evaluation of one model or K stacked models, compile time kept apart."""
 
-    def __init__(self, spec, dtype, vmapped: bool):
+    def __init__(self, spec, dtype, vmapped: bool, layout: parallel.Layout = parallel.SINGLE):
         fn = make_evaluate(spec, dtype)
-        self.fn = jax.jit(jax.vmap(fn, in_axes=(0, None, None)) if vmapped else fn)
+        fn = jax.vmap(fn, in_axes=(0, None, None)) if vmapped else fn
+        # On a mesh the results come back replicated, so every process can read them.
+        self.fn = jax.jit(fn) if layout.mesh is None else jax.jit(fn, out_shardings=layout.sharding(P()))
         self.compiled = {}
         self.compile_s = 0.0
         self.eval_s = 0.0
@@ -377,15 +481,22 @@ class Evaluator:
         return results
 
 
-def device_splits(dataset: data.Dataset) -> dict:
-    """The splits as (uint8 images, int32 labels) on the device, plus the train-accuracy prefix."""
+def device_splits(dataset: data.Dataset, layout: parallel.Layout = parallel.SINGLE) -> dict:
+    """The splits as (uint8 images, int32 labels) on the device (on every device of a mesh),
+    plus the train-accuracy prefix."""
     n = TRAIN_ACCURACY_EXAMPLES
-    return {
-        "train": jax.device_put((dataset.train.images, dataset.train.labels)),
-        "train_subset": jax.device_put((dataset.train.images[:n], dataset.train.labels[:n])),
-        "validation": jax.device_put((dataset.validation.images, dataset.validation.labels)),
-        "test": jax.device_put((dataset.test.images, dataset.test.labels)),
+    splits = {
+        "train": (dataset.train.images, dataset.train.labels),
+        "train_subset": (dataset.train.images[:n], dataset.train.labels[:n]),
+        "validation": (dataset.validation.images, dataset.validation.labels),
+        "test": (dataset.test.images, dataset.test.labels),
     }
+    return {name: parallel.replicated(split, layout) for name, split in splits.items()}
+
+
+def host_step(state: TrainState) -> int:
+    """The step counter (every model's is the same), readable in every process."""
+    return int(parallel.host_value(state.step).reshape(-1)[0])
 
 
 def mean_over_models(value) -> float:
@@ -454,7 +565,7 @@ def _check_divergence(plan: Plan, state, stats, diverged: np.ndarray, hooks: Seq
     bad_steps = np.atleast_1d(np.asarray(stats.first_bad_step))
     newly = (bad_steps >= 0) & ~diverged
     for lane in np.flatnonzero(newly):
-        error = Diverged(int(bad_steps[lane]), plan.learning_rate(state, int(bad_steps[lane]), int(lane)))
+        error = Diverged(int(bad_steps[lane]), plan.learning_rate(int(bad_steps[lane]), int(lane)))
         if (diverged | newly).all():
             raise error
         for hook in hooks:
@@ -478,7 +589,7 @@ def metrics_record(plan: Plan, state, step: int, loss: float, results: dict, exa
         "train_accuracy": mean_over_models(results["train_accuracy"]),
         "validation_accuracy": mean_over_models(results.get("validation_accuracy", math.nan)),
         "validation_loss": mean_over_models(results.get("validation_loss", math.nan)),
-        "learning_rate": plan.learning_rate(state, step),
+        "learning_rate": plan.learning_rate(step),
         "examples_per_s": examples_per_s,
     }
 
@@ -491,12 +602,12 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
     Raises `Diverged` when every model's loss is non-finite (the state before that chunk is gone:
     it was donated; checkpoints are the hooks' business).
     """
-    step = int(np.asarray(state.step).reshape(-1)[0])
-    evaluator = Evaluator(plan.spec, plan.dtype, plan.vmapped)
+    step = host_step(state)
+    evaluator = Evaluator(plan.spec, plan.dtype, plan.vmapped, plan.layout)
     epoch = step // plan.steps_per_epoch
     perm = plan.permutation(state, epoch)
     start = time.perf_counter()
-    chunk = compile_chunk(plan.make_chunk(), state, *device["train"], perm, plan.vmapped)
+    chunk = compile_chunk(plan, state, *device["train"], perm)
     compile_s = time.perf_counter() - start
 
     diverged = np.zeros(plan.config.num_models, bool)
@@ -510,6 +621,7 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
         end = plan.chunk_end(step)
         start = time.perf_counter()
         state, stats = chunk(state, *device["train"], perm, jnp.int32(end - step))
+        # Waiting here also keeps XLA:CPU from deadlocking on many queued collectives.
         stats = jax.device_get(stats)
         train_s += time.perf_counter() - start
         steps_done += end - step

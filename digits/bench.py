@@ -33,7 +33,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import math
 import pathlib
+import re
 import statistics
 import time
 from typing import Callable
@@ -42,7 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digits import data, model, report, train
+from jax.sharding import PartitionSpec as P
+
+from digits import backprop, data, model, parallel, report, train
 from digits.config import Config
 
 ROW_KEYS = (
@@ -52,6 +56,9 @@ ROW_KEYS = (
     "steps_per_call",
     "steps_per_call_requested",
     "num_models",
+    "sweep",
+    "num_devices",
+    "mesh",
     "repeats",
     "dtype",
     "compile_s",
@@ -63,6 +70,7 @@ ROW_KEYS = (
     "grad_flops",
     "grad_bytes_accessed",
     "grad_temp_bytes",
+    "allreduce_bytes",
     "manual_over_autodiff",
     "speedup_vs_one_model",
     "nonfinite_loss",
@@ -87,26 +95,61 @@ def network_config(config: Config, network: str) -> Config:
     return dataclasses.replace(config, layers=network)
 
 
-def row_config(config: Config, network: str, batch_size: int, grad: str, num_seeds: int, train_size: int) -> Config:
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Rows that differ only in the gradient method (timed together)."""
+
+    network: str
+    batch_size: int
+    num_models: int
+    steps: int  # requested steps per call
+    sweep: str = "seeds"
+    devices: int = 1
+
+
+def sweep_rates(learning_rate: float, num_models: int) -> tuple[float, ...]:
+    """K distinct learning rates spread geometrically over [lr / 4, lr * 4] (() for K = 1)."""
+    if num_models == 1:
+        return ()
+    return tuple(float(learning_rate * 4.0 ** (2 * i / (num_models - 1) - 1)) for i in range(num_models))
+
+
+def row_config(config: Config, group: Group, grad: str, train_size: int) -> Config:
     """The Config one row trains with (full batch for batch 0 or >= n; gd becomes sgd on mini-batches)."""
-    full = batch_size == 0 or batch_size >= train_size
+    full = group.batch_size == 0 or group.batch_size >= train_size
     optimizer = "sgd" if config.optimizer == "gd" and not full else config.optimizer
+    lr_sweep = group.sweep == "learning_rates"
     return dataclasses.replace(
-        network_config(config, network), batch_size=0 if full else batch_size, grad=grad, num_seeds=num_seeds,
-        sweep_learning_rates=(), optimizer=optimizer, audit_every=0, epochs=0, steps=1,
+        network_config(config, group.network), batch_size=0 if full else group.batch_size, grad=grad,
+        num_seeds=1 if lr_sweep else group.num_models, shared_data_order=group.sweep == "shared_seeds",
+        sweep_learning_rates=sweep_rates(config.learning_rate, group.num_models) if lr_sweep else (),
+        num_devices=group.devices, optimizer=optimizer, audit_every=0, epochs=0, steps=1,
         augment_shift=0, augment_rotation=0.0, augment_scale=0.0,
     )
 
 
+def groups(config: Config) -> list[Group]:
+    """The sweep's groups; K = 1 is one group whatever the sweeps (they differ only for K > 1)."""
+    found = []
+    for network, batch, k, sweep, devices, steps in itertools.product(
+            config.bench_layer_sizes, config.bench_batch_sizes, config.bench_num_seeds, config.bench_sweeps,
+            config.bench_devices or (1,), config.bench_steps_per_call):
+        group = Group(network, batch, k, steps, "seeds" if k == 1 else sweep, devices)
+        if group not in found:
+            found.append(group)
+    return found
+
+
 def num_rows(config: Config) -> int:
-    return (len(config.bench_layer_sizes) * len(config.bench_batch_sizes) * len(config.bench_grads)
-            * len(config.bench_steps_per_call) * len(config.bench_num_seeds))
+    return len(groups(config)) * len(config.bench_grads)
 
 
 def plans(config: Config, dataset: data.Dataset) -> list[train.Plan]:
-    """One plan per network (checked against the data before any timing); ValueError if one does not fit."""
-    return [train.Plan.create(row_config(config, net, 0, "manual", 1, len(dataset.train)), dataset)
-            for net in config.bench_layer_sizes]
+    """One plan per group (checked against the data and the devices before any timing);
+    ValueError if one does not fit."""
+    devices = jax.devices(config.bench_platform) if config.bench_platform else None
+    return [train.Plan.create(row_config(config, g, "manual", len(dataset.train)), dataset, devices)
+            for g in groups(config)]
 
 
 # ------------------------------------------------------------------------------ the sweep
@@ -119,7 +162,9 @@ def _delete(tree) -> None:
 
 
 def analyse_gradient(plan: train.Plan) -> dict:
-    """FLOPs, bytes accessed and peak temporary bytes of one step's compiled value_and_grad."""
+    """FLOPs, bytes accessed and peak temporary bytes of one model's compiled value_and_grad for
+    one step (on one device: the whole batch), and the bytes one step all-reduces across the
+    plan's data axis (read from the data-parallel program's HLO; 0 without a data axis)."""
     fn = train.grad_function(plan.config.grad)
     x = jax.ShapeDtypeStruct((plan.batch_size,) + plan.spec.input_shape, plan.dtype)
     labels = jax.ShapeDtypeStruct((plan.batch_size,), jnp.int32)
@@ -129,26 +174,50 @@ def analyse_gradient(plan: train.Plan) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     memory = compiled.memory_analysis()
+    allreduce = 0
+    if plan.layout.data_size > 1:
+        shards = plan.layout.data_size
+        sharded = backprop.data_parallel(fn, parallel.DATA, shards)
+        step = jax.shard_map(lambda p, b, k: sharded(p, b, plan.spec, k), mesh=plan.layout.mesh,
+                             in_specs=(P(), P(parallel.DATA), P()), out_specs=P())
+        allreduce = allreduce_bytes(jax.jit(step).lower(params, (x, labels), key).compile().as_text())
     return {"grad_flops": cost.get("flops"), "grad_bytes_accessed": cost.get("bytes accessed"),
-            "grad_temp_bytes": getattr(memory, "temp_size_in_bytes", None)}
+            "grad_temp_bytes": getattr(memory, "temp_size_in_bytes", None), "allreduce_bytes": allreduce}
+
+
+_HLO_ARRAY = re.compile(r"\b(pred|[sfu]\d+|bf16)\[([\d,]*)\]")
+
+
+def allreduce_bytes(hlo_text: str) -> int:
+    """Bytes of every all-reduce result in a compiled program's HLO (XLA may have combined
+    several into one tuple-shaped all-reduce; each element counts)."""
+    total = 0
+    for line in hlo_text.splitlines():
+        match = re.search(r"=\s*(.*?)\s+all-reduce(?:-start)?\(", line)
+        if not match:
+            continue
+        for kind, dims in _HLO_ARRAY.findall(match.group(1)):
+            bits = 8 if kind == "pred" else int(kind.lstrip("sfubf") or 16)
+            total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+    return total
 
 
 class _RowTimer:
     """One row's compiled program and state; calling it runs `steps` steps and returns their time."""
 
-    def __init__(self, config: Config, network: str, batch_size: int, grad: str, num_seeds: int,
-                 dataset: data.Dataset, images, labels, device, cache: dict):
-        self.network = network
-        self.plan = train.Plan.create(row_config(config, network, batch_size, grad, num_seeds, len(dataset.train)), dataset)
-        state = self.plan.init_state()
-        perm = self.plan.permutation(state, 0)
-        self.state, self.perm = jax.device_put((state, perm), device)
-        self.images, self.labels, self.device = images, labels, device
+    def __init__(self, config: Config, group: Group, grad: str, dataset: data.Dataset, data_on: Callable, cache: dict,
+                 devices):
+        self.network = group.network
+        self.group = group
+        self.plan = train.Plan.create(row_config(config, group, grad, len(dataset.train)), dataset, devices)
+        self.state = self.plan.init_state()
+        self.perm = self.plan.permutation(self.state, 0)
+        self.images, self.labels = data_on(self.plan.layout)
         self.host_step, self.stats_seen = 0, []
-        key = (network, self.plan.batch_size, grad, num_seeds, jnp.dtype(self.plan.dtype).name)
+        key = (group, grad, jnp.dtype(self.plan.dtype).name)
         if key not in cache:
             t0 = time.perf_counter()
-            compiled = train.compile_chunk(self.plan, self.state, images, labels, self.perm)
+            compiled = train.compile_chunk(self.plan, self.state, self.images, self.labels, self.perm)
             cache[key] = (compiled, time.perf_counter() - t0, analyse_gradient(self.plan))
         self.compiled, self.compile_s, self.analysis = cache[key]
 
@@ -156,7 +225,8 @@ class _RowTimer:
         """Runs `steps` steps; returns the seconds they took (ended by block_until_ready)."""
         spe = self.plan.steps_per_epoch
         if not self.plan.full_batch and self.host_step % spe + steps > spe:  # rewind rather than cross an epoch
-            self.state = self.state._replace(step=jax.device_put(np.zeros(np.shape(self.state.step), np.int32), self.device))
+            zero = jax.device_put(np.zeros(np.shape(self.state.step), np.int32), self.state.step.sharding)
+            self.state = self.state._replace(step=zero)
             jax.block_until_ready(self.state.step)
             self.host_step = 0
         t = time.perf_counter()
@@ -182,8 +252,7 @@ def _plan_calls(config: Config, cap: int, step_s: float) -> tuple[int, int]:
 WARMUP_CALLS = 1
 
 
-def _time_group(config: Config, network: str, batch_size: int, steps_requested: int, num_seeds: int,
-                dataset, images, labels, device, cache: dict) -> list[dict]:
+def _time_group(config: Config, group: Group, dataset, data_on: Callable, devices, cache: dict) -> list[dict]:
     """Times the rows that differ only in the gradient method, interleaving their timed calls
     (manual, autodiff, manual, ...) so that drift in the machine's speed hits both alike.
     `cache` maps a program's key to (compiled, compile_s, analysis): rows that differ only in
@@ -191,7 +260,8 @@ def _time_group(config: Config, network: str, batch_size: int, steps_requested: 
     grads = config.bench_grads
     if len(cache) > 2 * len(grads):
         cache.clear()  # frees programs of earlier groups
-    timers = [_RowTimer(config, network, batch_size, g, num_seeds, dataset, images, labels, device, cache) for g in grads]
+    timers = [_RowTimer(config, group, g, dataset, data_on, cache, devices) for g in grads]
+    steps_requested = group.steps
     try:
         first = timers[0]
         cap = steps_requested if first.plan.full_batch else min(steps_requested, first.plan.steps_per_epoch)
@@ -203,7 +273,7 @@ def _time_group(config: Config, network: str, batch_size: int, steps_requested: 
         for _ in range(repeats):
             for timer in timers:
                 times[id(timer)].append(timer(steps) / steps)
-        return [_row(timer, steps, steps_requested, repeats, times[id(timer)], device) for timer in timers]
+        return [_row(timer, steps, steps_requested, repeats, times[id(timer)], devices[0]) for timer in timers]
     finally:
         for timer in timers:
             timer.close()
@@ -221,6 +291,9 @@ def _row(timer: _RowTimer, steps: int, steps_requested: int, repeats: int, times
         "steps_per_call": steps,
         "steps_per_call_requested": steps_requested,
         "num_models": plan.config.num_models,
+        "sweep": timer.group.sweep,
+        "num_devices": plan.layout.num_devices,
+        "mesh": f"{plan.layout.model_size}x{plan.layout.data_size}",
         "repeats": repeats,
         "dtype": jnp.dtype(plan.dtype).name,
         "compile_s": timer.compile_s,
@@ -248,7 +321,7 @@ def fill_comparisons(rows: list[dict]) -> list[dict]:
 
     def key(row, **override):
         fields = {k: row[k] for k in ("network", "batch_size", "steps_per_call_requested", "dtype",
-                                      "grad", "num_models")}
+                                      "grad", "num_models", "sweep", "num_devices")}
         fields.update(override)
         return tuple(sorted(fields.items()))
 
@@ -259,14 +332,14 @@ def fill_comparisons(rows: list[dict]) -> list[dict]:
         row["manual_over_autodiff"] = (
             manual["step_time_median_s"] / auto["step_time_median_s"] if manual and auto else None
         )
-        one = by_key.get(key(row, num_models=1))
+        one = by_key.get(key(row, num_models=1, sweep="seeds"))
         row["speedup_vs_one_model"] = row["examples_per_s"] / one["examples_per_s"] if one else None
     return rows
 
 
-def _device(platform: str):
+def _devices(platform: str) -> list:
     try:
-        return jax.devices(platform)[0] if platform else jax.devices()[0]
+        return jax.devices(platform) if platform else jax.devices()
     except RuntimeError as e:
         raise ValueError(f"no JAX device for platform {platform!r}: {' '.join(str(e).split())}") from None
 
@@ -276,23 +349,26 @@ def run(config: Config, dataset: data.Dataset, progress: Progress | None = None)
     dict per row (keys: ROW_KEYS). `progress(i, total, row)` is called after row i (1-based) is
     timed; its comparison columns are filled only at the end. Call it inside `jax.enable_x64`
     for a float64 config."""
-    plans(config, dataset)  # every network fits the data, before any timing
-    device = _device(config.bench_platform)
-    groups = list(itertools.product(config.bench_layer_sizes, config.bench_batch_sizes, config.bench_num_seeds,
-                                    config.bench_steps_per_call))
-    rows, cache = [], {}
-    with jax.default_device(device):
-        images, labels = jax.device_put((dataset.train.images, dataset.train.labels), device)
+    devices = _devices(config.bench_platform)
+    plans(config, dataset)  # every network fits the data and the devices, before any timing
+    rows, cache, placed = [], {}, {}
+
+    def data_on(layout):
+        """The training images and labels on a layout's devices, placed once per layout."""
+        if layout not in placed:
+            placed[layout] = parallel.replicated((dataset.train.images, dataset.train.labels), layout)
+        return placed[layout]
+
+    with jax.default_device(devices[0]):
         try:
-            for network, batch_size, num_seeds, steps in groups:
-                for row in _time_group(config, network, batch_size, steps, num_seeds, dataset, images, labels,
-                                       device, cache):
+            for group in groups(config):
+                for row in _time_group(config, group, dataset, data_on, devices, cache):
                     rows.append(row)
                     if progress is not None:
                         progress(len(rows), num_rows(config), row)
         finally:
             cache.clear()
-            _delete((images, labels))
+            _delete(list(placed.values()))
     return fill_comparisons(rows)
 
 
@@ -318,6 +394,8 @@ TABLE_COLUMNS = (  # (header, width, format)
     ("grad", 8, lambda r: str(r["grad"])),
     ("steps", 9, lambda r: f"{r['steps_per_call']}/{r['steps_per_call_requested']}"),
     ("K", 3, lambda r: str(r["num_models"])),
+    ("sweep", 6, lambda r: {"seeds": "seeds", "shared_seeds": "shared", "learning_rates": "lrs"}[r["sweep"]]),
+    ("mesh", 5, lambda r: r["mesh"]),
     ("compile", 8, lambda r: _fmt(r["compile_s"], ".2f") + "s"),
     ("step (median)", 13, lambda r: _fmt_time(r["step_time_median_s"])),
     ("examples/s", 11, lambda r: _fmt(r["examples_per_s"], ".4g")),
@@ -325,6 +403,7 @@ TABLE_COLUMNS = (  # (header, width, format)
     ("MFLOP/step", 10, lambda r: _fmt(r["grad_flops"] and r["grad_flops"] / 1e6, ".4g")),
     ("MB moved", 9, lambda r: _fmt(r["grad_bytes_accessed"] and r["grad_bytes_accessed"] / 1e6, ".4g")),
     ("temp MB", 8, lambda r: _fmt(r["grad_temp_bytes"] and r["grad_temp_bytes"] / 1e6, ".3g")),
+    ("all-red KB", 10, lambda r: _fmt(r["allreduce_bytes"] / 1e3, ".4g")),
     ("man/auto", 8, lambda r: _fmt(r["manual_over_autodiff"], ".2f")),
     ("vs K=1", 6, lambda r: _fmt(r["speedup_vs_one_model"], ".2f")),
 )

@@ -29,6 +29,7 @@ OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
 COSTS = ("cross_entropy", "quadratic")
 INITIALIZERS = ("uniform", "normal", "scaled_normal", "glorot", "he")
 BENCH_GRADS = ("manual", "autodiff")
+BENCH_SWEEPS = ("seeds", "shared_seeds", "learning_rates")
 PLATFORMS = ("", "cpu", "gpu", "tpu", "cuda", "rocm")
 
 # Old names still accepted in flagfiles and in the config.json of older workdirs.
@@ -180,6 +181,10 @@ class Config:
                                                    lower=1, fingerprint=False)
     bench_num_seeds: tuple[int, ...] = option((1,), "Models trained at once (vmapped) per row.", parse=parse_ints,
                                               lower=1, fingerprint=False)
+    bench_sweeps: tuple[str, ...] = option(("seeds",), "How rows with K > 1 models are made: seeds (each its own data "
+                                           "order), shared_seeds (--shared_data_order) or learning_rates (K rates "
+                                           "around --learning_rate, one seed).", parse=parse_words,
+                                           choices=BENCH_SWEEPS, fingerprint=False)
     bench_devices: tuple[int, ...] = option((), "Also time each row on these device counts (data parallel), e.g. "
                                             "1,2,4,8.", parse=parse_ints, lower=1, fingerprint=False)
     bench_repeats: int = option(5, "Timed calls per row after warm-up.", lower=1, fingerprint=False)
@@ -338,6 +343,7 @@ def _check_combination(c: Config) -> None:
     _require(not (c.decay_steps and c.schedule != "exponential"), "decay_steps needs schedule=exponential")
     _require(not (c.train_examples and c.batch_size > c.train_examples),
              f"batch_size={c.batch_size} exceeds train_examples={c.train_examples}")
-    for name in ("bench_layer_sizes", "bench_batch_sizes", "bench_grads", "bench_steps_per_call", "bench_num_seeds"):
+    for name in ("bench_layer_sizes", "bench_batch_sizes", "bench_grads", "bench_steps_per_call", "bench_num_seeds",
+                 "bench_sweeps"):
         _require(len(getattr(c, name)) > 0, f"{name} must not be empty")
     _require(min(c.bench_batch_sizes) >= 0, "bench_batch_sizes must be >= 0 ('full' or 0: the training set)")

@@ -23,7 +23,7 @@ import optax
 
 from jax.sharding import PartitionSpec as P
 
-from digits import augment, backprop, data, gradcheck, losses, model, parallel
+from digits import augment, backprop, data, gradcheck, layers, losses, model, parallel
 from digits.config import Config
 
 TRAIN_ACCURACY_EXAMPLES = 10000  # train accuracy is measured on this fixed prefix, to bound its cost
@@ -352,13 +352,25 @@ def make_train_chunk(plan: Plan):
         return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key), stats
 
     tx = plan.tx
-    if not plan.vmapped:
-        step_all = model_step
-    elif plan.shared_data:
-        # The batch is not vmapped, so `x @ W_k` for all k is one (B, n) x (n, K*h) product.
-        step_all = jax.vmap(model_step, in_axes=(0, 0, None, None, None, None))
-    else:
-        step_all = jax.vmap(model_step, in_axes=(0, 0, None, None, 0, None))
+    wide = plan.shared_data and isinstance(spec.layers[0], layers.Dense)
+
+    def model_axes(state):
+        """Where each state leaf keeps its model axis inside the chunk. With a shared batch, the
+        first dense layer's weights (and the optimizer's copies of them) keep it next to the
+        units, (n, K, h): then `x @ W_k` for all k is one (B, n) x (n, K*h) product, and
+        `x^T dZ_k` one (n, B) x (B, K*h) product, with no transposes between steps."""
+        first_w = state.params[0]["w"].shape if wide else None
+        return jax.tree.map(lambda leaf: leaf.ndim - 2 if leaf.shape == first_w else 0, state)
+
+    def step_all(state, stats, images, labels, perm, batch):
+        if not plan.vmapped:
+            return model_step(state, stats, images, labels, perm, batch)
+        axes = model_axes(state)
+        if plan.shared_data:  # the batch is not vmapped: every model multiplies the same x
+            in_axes = (axes, 0, None, None, None, None)
+        else:
+            in_axes = (axes, 0, None, None, 0, None)
+        return jax.vmap(model_step, in_axes=in_axes, out_axes=(axes, 0))(state, stats, images, labels, perm, batch)
 
     def shared_batch(state, images, labels, perm):
         """The batch every model trains on (their steps and data keys are equal)."""
@@ -383,7 +395,12 @@ def make_train_chunk(plan: Plan):
         stats = ChunkStats(zero, jnp.asarray(-1, jnp.int32), jnp.zeros((), jnp.int32), zero, zero, zero)
         if plan.vmapped:  # one per model, varying along the mesh's model axis as the state does
             stats = jax.tree.map(lambda x: x + jnp.zeros_like(state.step, x.dtype), stats)
+        if wide:
+            moved = model_axes(state)
+            state = jax.tree.map(lambda x, axis: jnp.moveaxis(x, 0, axis), state, moved)
         state, stats = jax.lax.fori_loop(0, num_steps, body, (state, stats))
+        if wide:
+            state = jax.tree.map(lambda x, axis: jnp.moveaxis(x, axis, 0), state, moved)
         if plan.vmapped and plan.layout.mesh is not None:  # every device returns every model's stats
             stats = jax.tree.map(gather_models, stats)
         return state, stats

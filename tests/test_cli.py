@@ -171,12 +171,27 @@ def test_corrupt_checkpoint_is_reported_and_not_overwritten(trained, cache_dir, 
 
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy)
-    latest = copy / "checkpoints" / "checkpoint_00000080.npz"
+    # The biggest file of the step: the array data (orbax's OCDBT store).
+    latest = max((p for p in (copy / "checkpoints" / "checkpoint_00000080").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
     latest.write_bytes(latest.read_bytes()[:200])
     result = run_cli(*TINY, f"--workdir={copy}", "--checkpoint_every=30", "--grad=both", "--audit_every=10",
                      cache_dir=cache_dir, check=False)
     assert result.returncode == 1 and "corrupt or truncated" in result.stderr and "checkpoint_00000080" in result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
     assert len(latest.read_bytes()) == 200
+    assert checkpoint.list_steps(copy / "checkpoints") == [30, 60, 80]
+
+
+def test_old_npz_checkpoints_are_refused_in_one_line(cache_dir, tmp_path):
+    old = tmp_path / "checkpoints" / "checkpoint_00000010.npz"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"PK\x03\x04 written by digits 0.1")
+    result = run_cli(*TINY, f"--workdir={tmp_path}", cache_dir=cache_dir, check=False)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "old .npz format of digits < 0.2" in lines[0] and "Traceback" not in result.stderr
+    assert [p.name for p in old.parent.iterdir()] == [old.name]  # no new-format checkpoint beside it
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(cache_dir, tmp_path):

@@ -98,6 +98,10 @@ def data_parallel(value_and_grad, axis: str, shards: int):
     (loss, grads) on every device of `axis`. For `value_and_grad` or `autodiff_value_and_grad`."""
 
     def sharded_value_and_grad(params, batch, spec: model.ModelSpec, dropout_key=None):
+        # Replicated parameters would make jax.grad sum across devices by itself (the transpose
+        # of the implicit broadcast); marked as varying like the batch, they give this slice's
+        # own gradient on both paths, and the one all-reduce is the explicit one below.
+        params = jax.lax.pcast(params, axis, to="varying")
         loss, grads = value_and_grad(params, batch, spec, dropout_key)
         return all_reduce_mean(loss, grads, axis, shards)
 

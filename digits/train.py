@@ -548,7 +548,7 @@ class Hooks:
     """What `fit` calls between chunks. Subclass and override what you need; each may raise to stop."""
 
     def after_chunk(self, step: int, state: TrainState) -> None:
-        """After every compiled chunk (checkpoints, stop requests)."""
+        """After every compiled chunk, and after its evaluation if it had one (checkpoints, stop requests)."""
 
     def after_eval(self, step: int, state: TrainState, record: dict) -> None:
         """After every evaluation, with its metrics record (metrics files, progress bar)."""
@@ -648,8 +648,8 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
         if auditing:
             _fold_audit(audit, stats)
         step = end
-        for hook in hooks:
-            hook.after_chunk(step, state)
+        # Metrics before checkpoints: a run killed between the two resumes from the previous
+        # checkpoint and drops the newer records, rather than missing this step's forever.
         if step % plan.eval_every == 0 or step == plan.total_steps:
             results = evaluator.splits(state.params, device, ("train_subset", "validation"))
             record = metrics_record(plan, state, step, loss_sum / max(loss_steps, 1), results,
@@ -659,4 +659,6 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
             for hook in hooks:
                 hook.after_eval(step, state, record)
             loss_sum, loss_steps = 0.0, 0
+        for hook in hooks:
+            hook.after_chunk(step, state)
     return FitResult(state, diverged, compile_s, train_s, steps_done, audit, evaluator)

@@ -1,0 +1,182 @@
+"""Many devices and many processes: data-parallel training equals one device, sharded seeds equal
+the vmapped run, checkpoints move between device counts, and a 2-process run survives SIGKILL.
+
+JAX fixes its device count at its first operation, so the 8-device runs happen in subprocesses
+(`tests/mesh_worker.py`, `run_experiment.py --cpu_devices=8`, `digits.launch`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from digits import checkpoint, data, launch, parallel, train
+from digits.config import Config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+FLOAT32_ATOL = 1e-5  # float32 sums in another order, over 100 steps of parameters of size ~1
+
+
+def worker(scenario: str) -> dict:
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_worker.py"), scenario], capture_output=True,
+                            text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def data_parallel():
+    return worker("data_parallel")
+
+
+@pytest.fixture(scope="module")
+def models():
+    return worker("models")
+
+
+@pytest.mark.parametrize("grad", ["manual", "autodiff"])
+def test_all_reduced_gradient_equals_the_one_device_gradient(data_parallel, grad):
+    assert data_parallel[f"gradient_{grad}_scale"] > 0.1  # a real gradient, not zeros
+    assert data_parallel[f"gradient_{grad}_D4"] < 1e-6
+
+
+@pytest.mark.parametrize("grad", ["manual", "autodiff"])
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_data_parallel_sgd_ends_where_one_device_does(data_parallel, grad, devices):
+    found = data_parallel[f"dense_{grad}_D{devices}"]
+    assert found["mesh"] == [1, devices]
+    assert found["diff"] < FLOAT32_ATOL
+    assert data_parallel[f"scale_{grad}"] > 0.1
+
+
+def test_conv_net_and_full_batch_train_data_parallel(data_parallel):
+    assert data_parallel["conv_D4"]["mesh"] == [1, 4] and data_parallel["conv_D4"]["diff"] < FLOAT32_ATOL
+    assert data_parallel["full_batch_D8"]["mesh"] == [1, 8] and data_parallel["full_batch_D8"]["diff"] < FLOAT32_ATOL
+
+
+def test_eight_seeds_on_eight_devices_equal_the_vmapped_run(models):
+    assert models["seeds_K8_D8"]["mesh"] == [8, 1]
+    assert models["seeds_K8_D8"]["diff"] < 1e-4  # one model per device vs 8 vmapped: other fusions
+
+
+def test_shared_data_sweep_on_a_two_axis_mesh(models):
+    assert models["shared_K4_D8"]["mesh"] == [4, 2] and models["shared_K4_D8"]["diff"] < FLOAT32_ATOL
+    assert models["shared_first_layers_differ"]
+
+
+def test_many_one_step_chunks_with_collectives_do_not_deadlock(models):
+    # 100 chunk calls that each all-reduce; this scenario hangs (and times out) if the loop
+    # queues them without waiting.
+    assert models["one_step_chunks_D8"]["mesh"] == [1, 8] and models["one_step_chunks_D8"]["diff"] < FLOAT32_ATOL
+
+
+def test_impossible_meshes_are_one_line_errors():
+    found = worker("errors")
+    assert found["too_many"] == "num_devices=9 but only 8 cpu device(s) are available"
+    assert "batch_size=10 cannot be split over the data axis of 4 devices" in found["batch_not_divisible"]
+    assert "more devices than examples" in found["more_devices_than_examples"]
+    for message in ("too_many", "batch_not_divisible", "more_devices_than_examples"):
+        assert "\n" not in found[message]
+    # The default uses what splits evenly: batch 10 on 8 devices -> 2, K = 4 -> 4 x 2.
+    assert (found["auto_batch_10_on_8"]["model_axis"], found["auto_batch_10_on_8"]["data_axis"]) == (1, 2)
+    assert (found["auto_K4_on_8"]["model_axis"], found["auto_K4_on_8"]["data_axis"]) == (4, 2)
+
+
+def test_one_device_is_no_mesh():
+    assert parallel.choose_layout(4, 10, devices=jax.devices()[:1]) is parallel.SINGLE
+
+
+# --- the command line: checkpoints across device counts, and processes -----------------------------
+
+TINY = ["--train_examples=2000", "--validation_size=1000", "--layer_sizes=784,16,10", "--init=glorot",
+        "--optimizer=sgd", "--learning_rate=0.1", "--batch_size=16", "--eval_every=100"]
+
+
+def run_cli(*args, cache_dir, check=True):
+    result = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), f"--cache_dir={cache_dir}", *args],
+                            capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def cache_dir(mnist_splits, tmp_path_factory):
+    """The packaged MNIST, parsed once into a cache the subprocesses share."""
+    cache = tmp_path_factory.mktemp("mesh_cache")
+    data.load("packaged", cache_dir=cache)
+    return cache
+
+
+def final_params(workdir: pathlib.Path, steps: int, mnist_splits):
+    config = Config(layer_sizes=(784, 16, 10), init="glorot", optimizer="sgd", learning_rate=0.1, batch_size=16,
+                    steps=steps, train_examples=2000, validation_size=1000)
+    dataset = data.Dataset("mnist", "packaged", data.Split(mnist_splits.train.images[:2000], mnist_splits.train.labels[:2000]),
+                           mnist_splits.test)
+    plan = train.Plan.create(config, dataset)
+    state, _ = checkpoint.restore(workdir / "checkpoints", plan.init_state())
+    assert train.host_step(state) == steps
+    return jax.tree.map(np.asarray, state.params)
+
+
+def max_difference(a, b) -> float:
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_a_run_resumes_on_another_device_count(cache_dir, tmp_path, mnist_splits):
+    """8 devices to step 60, 1 device to 120, 8 devices to 180 = one device all the way."""
+    moved, straight = tmp_path / "moved", tmp_path / "straight"
+    first = run_cli(*TINY, "--steps=60", "--cpu_devices=8", "--num_devices=8", f"--workdir={moved}", cache_dir=cache_dir)
+    assert "8 cpu devices = 1 (model) x 8 (data)" in first.stdout
+    assert json.loads((moved / "config.json").read_text())["mesh"]["data_axis"] == 8
+    second = run_cli(*TINY, "--steps=120", f"--workdir={moved}", cache_dir=cache_dir)
+    assert "Resuming from the checkpoint at step 60" in second.stdout and "1 device" in second.stdout
+    third = run_cli(*TINY, "--steps=180", "--cpu_devices=8", "--num_devices=8", f"--workdir={moved}", cache_dir=cache_dir)
+    assert "Resuming from the checkpoint at step 120" in third.stdout
+    run_cli(*TINY, "--steps=180", f"--workdir={straight}", cache_dir=cache_dir)
+    assert max_difference(final_params(moved, 180, mnist_splits), final_params(straight, 180, mnist_splits)) < FLOAT32_ATOL
+
+
+def test_two_processes_train_survive_sigkill_equal_one_process_and_evaluate(cache_dir, tmp_path, mnist_splits):
+    killed, single = tmp_path / "killed", tmp_path / "single"
+    args = [f"--cache_dir={cache_dir}", *TINY, "--steps=800", "--checkpoint_every=100", f"--workdir={killed}"]
+    children = [subprocess.Popen(c, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for c in launch.commands(2, args, launch.free_port(), cpu_devices=1)]
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not checkpoint.list_steps(killed / "checkpoints"):
+            time.sleep(0.05)
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+    killed_at = checkpoint.latest_step(killed / "checkpoints")
+    assert killed_at is not None and killed_at < 800, "the run ended before it could be killed"
+    assert json.loads((killed / "config.json").read_text())["mesh"] == {
+        "num_devices": 2, "model_axis": 1, "data_axis": 2, "processes": 2}
+
+    assert launch.run(2, args, cpu_devices=1, timeout=240) == 0
+    metrics = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(100, 801, 100))  # one writer, none lost or repeated
+    assert json.loads((killed / "summary.json").read_text())["mesh"]["processes"] == 2
+    run_cli(*TINY, "--steps=800", f"--workdir={single}", cache_dir=cache_dir)
+    assert max_difference(final_params(killed, 800, mnist_splits), final_params(single, 800, mnist_splits)) < 1e-4
+
+    # Evaluation in two processes reads the same checkpoint to the same numbers.
+    run_cli("--mode=eval", f"--workdir={single}", cache_dir=cache_dir)
+    one = json.loads((single / "eval.json").read_text())
+    (single / "eval.json").unlink()
+    assert launch.run(2, [f"--cache_dir={cache_dir}", "--mode=eval", f"--workdir={single}"], timeout=240) == 0
+    two = json.loads((single / "eval.json").read_text())
+    assert two["test"]["accuracy"] == pytest.approx(one["test"]["accuracy"], abs=1e-6)
+    assert two["validation"]["loss"] == pytest.approx(one["validation"]["loss"], rel=1e-5)

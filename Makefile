@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test benchmark results clean
+.PHONY: run test benchmark results local clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ SEEDS ?= 5
 FLAGFILES ?=
 results: $(STAMP)
 	$(PY) run_experiment.py --mode=results --results_seeds=$(SEEDS) $(if $(FLAGFILES),--results_flagfiles=$(FLAGFILES))
+
+# PROCESSES local processes joined by jax.distributed on 127.0.0.1: multi-host training on one machine.
+PROCESSES ?= 2
+FLAGS ?= --flagfile=experiments/nielsen_784_30_10.cfg
+local: $(STAMP)
+	$(PY) -m digits.launch --processes=$(PROCESSES) -- $(FLAGS)
 
 clean:
 	rm -rf $(VENV) runs

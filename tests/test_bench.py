@@ -6,7 +6,9 @@ Offline and fast: synthetic uint8 images, tiny networks, a few repeats.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from digits import bench, data as data_lib
+from digits import bench, data as data_lib, train
 from digits.config import Config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -156,7 +158,7 @@ def test_a_conv_network_gets_a_row_with_its_compiled_costs(data):
 
 def test_grad_flops_match_a_hand_count_of_the_matmuls():
     """784-30-10 at batch 128: forward x@W1, a1@W2; backward dW1, dW2 and dA1 (no dX)."""
-    plan = bench.train.Plan.create(bench.row_config(SWEEP, "784,30,10", 128, "manual", 1, N_IMAGES),
+    plan = bench.train.Plan.create(bench.row_config(SWEEP, bench.Group("784,30,10", 128, 1, 1), "manual", N_IMAGES),
                                    data_lib.Dataset("random", "test", data_lib.Split(np.zeros((N_IMAGES, 28, 28), np.uint8),
                                                     np.zeros(N_IMAGES, np.int32)), data_lib.Split(np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.int32))))
     matmuls = 128 * (2 * 2 * (784 * 30 + 30 * 10) + 2 * 30 * 10)
@@ -216,3 +218,46 @@ def test_environment_describes_the_machine():
     env = bench.report.environment()
     assert env["backend"] == "cpu" and env["device_kind"] and env["cpu"]
     assert env["cpu_count"] >= 1 and env["devices"] and env["versions"]["jax"]
+
+
+# ------------------------------------------------------------------------------ sweeps and devices
+
+
+def test_sweeps_make_k_models_three_ways():
+    config = sweep_config(bench_num_seeds=(1, 4), bench_sweeps=("seeds", "shared_seeds", "learning_rates"))
+    groups = bench.groups(config)
+    # K = 1 is one group whatever the sweeps; K = 4 is one per sweep.
+    assert sorted({(g.num_models, g.sweep) for g in groups}) == [(1, "seeds"), (4, "learning_rates"), (4, "seeds"),
+                                                               (4, "shared_seeds")]
+    assert bench.num_rows(config) == len(groups) * 2
+    lrs = bench.row_config(config, bench.Group("784,10,10", 10, 4, 1, "learning_rates"), "manual", N_IMAGES)
+    assert lrs.num_seeds == 1 and len(set(lrs.sweep_learning_rates)) == 4 and lrs.num_models == 4
+    assert min(lrs.sweep_learning_rates) == pytest.approx(0.01 / 4) and max(lrs.sweep_learning_rates) == pytest.approx(0.04)
+    shared = bench.row_config(config, bench.Group("784,10,10", 10, 4, 1, "shared_seeds"), "manual", N_IMAGES)
+    assert shared.num_seeds == 4 and shared.shared_data_order
+
+
+def test_a_shared_batch_makes_the_first_layer_one_wide_matmul(data):
+    """16 learning rates of 784-30-10 at batch 10: X (10 x 784) times all 16 W1 (784 x 16*30) is
+    one product, and so is the weight gradient X^T dZ (784 x 16*30)."""
+    config = Config(layer_sizes=(784, 30, 10), optimizer="sgd", batch_size=10, steps=2, num_devices=1,
+                    sweep_learning_rates=tuple(0.01 * (i + 1) for i in range(16)))
+    plan = train.Plan.create(config, data)
+    assert plan.shared_data
+    state = plan.init_state()
+    images, labels = train.device_splits(data)["train"]
+    hlo = train.compile_chunk(plan, state, images, labels, plan.permutation(state, 0)).as_text()
+    dots = re.findall(r"= (f32\[[\d,]+\])\S* dot\(", hlo) + re.findall(r"= (f32\[[\d,]+\])\S* fusion\([^)]*\), kind=kCustom", hlo)
+    assert "f32[10,480]" in dots and "f32[784,480]" in dots, dots
+    unshared = train.Plan.create(dataclasses.replace(config, sweep_learning_rates=(), num_seeds=16), data)
+    assert not unshared.shared_data
+
+
+def test_allreduce_bytes_reads_every_all_reduce_of_the_hlo():
+    hlo = """
+  %all-reduce.1 = f32[784,30]{1,0} all-reduce(f32[784,30]{1,0} %x), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  %ar = (f32[30]{0}, f32[30,10]{1,0}, f32[]) all-reduce(%a, %b, %c), channel_id=2, to_apply=%add
+  %start = bf16[8]{0} all-reduce-start(bf16[8]{0} %y), to_apply=%add
+  %not = f32[5]{0} add(f32[5]{0} %p, f32[5]{0} %q)
+"""
+    assert bench.allreduce_bytes(hlo) == 4 * (784 * 30 + 30 + 300 + 1) + 2 * 8

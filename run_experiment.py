@@ -92,7 +92,8 @@ def config_from_flagfile(path: str) -> config_lib.Config:
     """The Config a flagfile describes, parsed by a fresh set of the same flags (for --mode=results)."""
     flag_values = flags.FlagValues()
     define_config_flags(flag_values)
-    for name in ("mode", "workdir"):  # accepted (flagfiles name their mode) and ignored
+    # Accepted (flagfiles name their mode, a benchmark flagfile its devices) and ignored.
+    for name in ("mode", "workdir", "cpu_devices", "coordinator_address", "num_processes", "process_id"):
         flags.DEFINE_string(name, "", "", flag_values=flag_values)
     try:
         flag_values(["results", f"--flagfile={path}"])

@@ -134,17 +134,16 @@ def max_difference(a, b) -> float:
 
 
 def test_a_run_resumes_on_another_device_count(cache_dir, tmp_path, mnist_splits):
-    """8 devices to step 60, 1 device to 120, 8 devices to 180 = one device all the way."""
+    """8 devices to step 60, then 1 device to 120 = one device all the way. (The reverse, 1 device
+    to 8, is tested on the checkpoints themselves in test_checkpoint.py.)"""
     moved, straight = tmp_path / "moved", tmp_path / "straight"
     first = run_cli(*TINY, "--steps=60", "--cpu_devices=8", "--num_devices=8", f"--workdir={moved}", cache_dir=cache_dir)
     assert "8 cpu devices = 1 (model) x 8 (data)" in first.stdout
     assert json.loads((moved / "config.json").read_text())["mesh"]["data_axis"] == 8
     second = run_cli(*TINY, "--steps=120", f"--workdir={moved}", cache_dir=cache_dir)
     assert "Resuming from the checkpoint at step 60" in second.stdout and "1 device" in second.stdout
-    third = run_cli(*TINY, "--steps=180", "--cpu_devices=8", "--num_devices=8", f"--workdir={moved}", cache_dir=cache_dir)
-    assert "Resuming from the checkpoint at step 120" in third.stdout
-    run_cli(*TINY, "--steps=180", f"--workdir={straight}", cache_dir=cache_dir)
-    assert max_difference(final_params(moved, 180, mnist_splits), final_params(straight, 180, mnist_splits)) < FLOAT32_ATOL
+    run_cli(*TINY, "--steps=120", f"--workdir={straight}", cache_dir=cache_dir)
+    assert max_difference(final_params(moved, 120, mnist_splits), final_params(straight, 120, mnist_splits)) < FLOAT32_ATOL
 
 
 def test_two_processes_train_survive_sigkill_equal_one_process_and_evaluate(cache_dir, tmp_path, mnist_splits):
@@ -172,11 +171,8 @@ def test_two_processes_train_survive_sigkill_equal_one_process_and_evaluate(cach
     run_cli(*TINY, "--steps=800", f"--workdir={single}", cache_dir=cache_dir)
     assert max_difference(final_params(killed, 800, mnist_splits), final_params(single, 800, mnist_splits)) < 1e-4
 
-    # Evaluation in two processes reads the same checkpoint to the same numbers.
-    run_cli("--mode=eval", f"--workdir={single}", cache_dir=cache_dir)
-    one = json.loads((single / "eval.json").read_text())
-    (single / "eval.json").unlink()
-    assert launch.run(2, [f"--cache_dir={cache_dir}", "--mode=eval", f"--workdir={single}"], timeout=240) == 0
-    two = json.loads((single / "eval.json").read_text())
-    assert two["test"]["accuracy"] == pytest.approx(one["test"]["accuracy"], abs=1e-6)
-    assert two["validation"]["loss"] == pytest.approx(one["validation"]["loss"], rel=1e-5)
+    # Evaluation in two processes reads the final checkpoint to the numbers training reported.
+    assert launch.run(2, [f"--cache_dir={cache_dir}", "--mode=eval", f"--workdir={killed}"], timeout=240) == 0
+    evaluated, trained = json.loads((killed / "eval.json").read_text()), json.loads((killed / "summary.json").read_text())
+    assert evaluated["test"]["accuracy"] == pytest.approx(trained["final"]["test_accuracy"], abs=1e-6)
+    assert evaluated["validation"]["loss"] == pytest.approx(trained["final"]["validation_loss"], rel=1e-5)

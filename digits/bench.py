@@ -73,6 +73,7 @@ ROW_KEYS = (
     "allreduce_bytes",
     "manual_over_autodiff",
     "speedup_vs_one_model",
+    "speedup_vs_one_device",
     "nonfinite_loss",
     "device_kind",
     "platform",
@@ -305,6 +306,7 @@ def _row(timer: _RowTimer, steps: int, steps_requested: int, repeats: int, times
         **timer.analysis,
         "manual_over_autodiff": None,
         "speedup_vs_one_model": None,
+        "speedup_vs_one_device": None,
         "nonfinite_loss": bool(any(np.any(np.asarray(s) >= 0) for s in timer.stats_seen)),
         "device_kind": device.device_kind,
         "platform": device.platform,
@@ -313,10 +315,9 @@ def _row(timer: _RowTimer, steps: int, steps_requested: int, repeats: int, times
 
 
 def fill_comparisons(rows: list[dict]) -> list[dict]:
-    """Fills `manual_over_autodiff` and `speedup_vs_one_model` in place (None without a partner).
-
-    Partners match on network, batch size, requested steps per call and dtype, plus the
-    number of models (for manual/autodiff) or the grad (for the speedup over one model).
+    """Fills `manual_over_autodiff`, `speedup_vs_one_model` and `speedup_vs_one_device` in place
+    (None without a partner): the row with the other gradient method, with one model (seeds
+    sweep), or on one device, everything else equal.
     """
 
     def key(row, **override):
@@ -334,6 +335,8 @@ def fill_comparisons(rows: list[dict]) -> list[dict]:
         )
         one = by_key.get(key(row, num_models=1, sweep="seeds"))
         row["speedup_vs_one_model"] = row["examples_per_s"] / one["examples_per_s"] if one else None
+        alone = by_key.get(key(row, num_devices=1))
+        row["speedup_vs_one_device"] = row["examples_per_s"] / alone["examples_per_s"] if alone else None
     return rows
 
 
@@ -406,6 +409,7 @@ TABLE_COLUMNS = (  # (header, width, format)
     ("all-red KB", 10, lambda r: _fmt(r["allreduce_bytes"] / 1e3, ".4g")),
     ("man/auto", 8, lambda r: _fmt(r["manual_over_autodiff"], ".2f")),
     ("vs K=1", 6, lambda r: _fmt(r["speedup_vs_one_model"], ".2f")),
+    ("vs 1 dev", 8, lambda r: _fmt(r["speedup_vs_one_device"], ".2f")),
 )
 
 

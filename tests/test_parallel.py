@@ -176,3 +176,30 @@ def test_two_processes_train_survive_sigkill_equal_one_process_and_evaluate(cach
     evaluated, trained = json.loads((killed / "eval.json").read_text()), json.loads((killed / "summary.json").read_text())
     assert evaluated["test"]["accuracy"] == pytest.approx(trained["final"]["test_accuracy"], abs=1e-6)
     assert evaluated["validation"]["loss"] == pytest.approx(trained["final"]["validation_loss"], rel=1e-5)
+
+
+def test_every_mode_runs_on_eight_fake_devices(cache_dir, tmp_path, mnist_splits):
+    """train (2 seeds: a 2 x 4 mesh), eval, predict, gradcheck and a benchmark across 1 and 2 devices."""
+    from PIL import Image
+
+    workdir, eight = tmp_path / "run", "--cpu_devices=8"
+    trained = run_cli(*TINY, "--steps=40", "--num_seeds=2", eight, f"--workdir={workdir}", cache_dir=cache_dir)
+    assert "8 cpu devices = 2 (model) x 4 (data)" in trained.stdout
+    accuracy = json.loads((workdir / "summary.json").read_text())["across_models"]["test_accuracy"]["values"][0]
+    run_cli("--mode=eval", eight, f"--workdir={workdir}", cache_dir=cache_dir)
+    assert json.loads((workdir / "eval.json").read_text())["test"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    Image.fromarray(mnist_splits.test.images[0]).save(tmp_path / "digit.png")
+    predicted = run_cli("--mode=predict", eight, f"--workdir={workdir}", f"--images={tmp_path / 'digit.png'}",
+                        cache_dir=cache_dir)
+    assert "digit.png" in predicted.stdout
+    checked = run_cli("--mode=gradcheck", eight, "--layer_sizes=784,8,10", "--gradcheck_examples=16",
+                      "--gradcheck_coords=3", f"--workdir={tmp_path / 'gc'}", cache_dir=cache_dir)
+    assert "Verdict: PASS" in checked.stdout
+    run_cli("--mode=benchmark", eight, "--bench_layer_sizes=784,10,10", "--bench_batch_sizes=16", "--bench_grads=manual",
+            "--bench_steps_per_call=5", "--bench_devices=1,2", "--bench_repeats=1", "--bench_max_row_seconds=0.1",
+            f"--workdir={tmp_path / 'bench'}", cache_dir=cache_dir)
+    rows = json.loads((tmp_path / "bench" / "benchmark.json").read_text())["rows"]
+    assert [(r["num_devices"], r["mesh"]) for r in rows] == [(1, "1x1"), (2, "1x2")]
+    assert rows[0]["allreduce_bytes"] == 0
+    assert rows[1]["allreduce_bytes"] == 4 * (784 * 10 + 10 + 10 * 10 + 10 + 1)  # every dW, db and the loss
+    assert rows[1]["speedup_vs_one_device"] == pytest.approx(rows[1]["examples_per_s"] / rows[0]["examples_per_s"])

@@ -207,11 +207,22 @@ class _WorkdirHooks(train.Hooks):
         checkpoint.save(self.ckpt_dir, step, state, self.fingerprint, self.plan.config.keep_checkpoints)
         self.last_checkpoint = step
 
+    def stop_requested(self) -> bool:
+        """Ctrl-C or SIGTERM here, or (several processes) in any process: all must stop at the
+        same step, or the others would wait forever in the next collective."""
+        requested = self.stop["signal"] is not None
+        if jax.process_count() == 1:
+            return requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
+
     def after_chunk(self, step, state):
         every = self.plan.config.checkpoint_every
-        if every and step % every == 0 or self.stop["signal"]:
+        stopping = self.stop_requested()
+        if every and step % every == 0 or stopping:
             self.save(step, state)
-        if self.stop["signal"]:
+        if stopping:
             raise Interrupted(f"interrupted at step {step}; checkpoint saved in {self.ckpt_dir}; "
                               "re-run the same command to resume")
 

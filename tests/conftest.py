@@ -17,3 +17,13 @@ def mnist_splits(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("cache")
     return data.split_validation(data.load("packaged", cache_dir=cache), 10000)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory, mnist_splits):
+    """A cache with the parsed MNIST, so each `run_experiment.py` subprocess loads it fast."""
+    from digits import data
+
+    cache = tmp_path_factory.mktemp("cli_cache")
+    data.load("packaged", cache_dir=cache)
+    return cache

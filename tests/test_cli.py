@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -12,30 +11,11 @@ import time
 import numpy as np
 import pytest
 
+from cli import ENV, ROOT, run_cli
 from digits import checkpoint, report
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--train_examples=2000", "--validation_size=1000", "--layer_sizes=784,16,10", "--init=glorot",
         "--optimizer=sgd", "--learning_rate=0.1", "--batch_size=50", "--epochs=2"]
-
-
-def run_cli(*args, cache_dir, check=True, timeout=300):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), f"--cache_dir={cache_dir}", *args],
-                            capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, mnist_splits):
-    # mnist_splits has already parsed the pickle; reuse its cache so each subprocess loads fast.
-    from digits import data
-
-    cache = tmp_path_factory.mktemp("cli_cache")
-    data.load("packaged", cache_dir=cache)
-    return cache
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +131,8 @@ def test_divergence_exits_non_zero_and_keeps_last_good_checkpoint(cache_dir, tmp
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(cache_dir, tmp_path):
     args = ["--train_examples=5000", "--validation_size=1000", "--layer_sizes=784,32,10", "--init=glorot",
             "--optimizer=sgd", "--batch_size=10", "--epochs=200", "--checkpoint_every=500", f"--workdir={tmp_path}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), f"--cache_dir={cache_dir}", *args],
-                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not checkpoint.list_steps(tmp_path / "checkpoints"):
         time.sleep(0.05)
@@ -202,9 +181,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(cache_dir, tmp_path):
     run_cli(*args, f"--workdir={reference}", cache_dir=cache_dir)
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), f"--cache_dir={cache_dir}", *args,
-                                f"--workdir={killed}"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                f"--workdir={killed}"], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not checkpoint.list_steps(killed / "checkpoints"):
         time.sleep(0.05)

@@ -8,7 +8,6 @@ JAX fixes its device count at its first operation, so the 8-device runs happen i
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -19,11 +18,10 @@ import jax
 import numpy as np
 import pytest
 
+from cli import ENV, ROOT, run_cli
 from digits import checkpoint, data, launch, parallel, train
 from digits.config import Config
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 FLOAT32_ATOL = 1e-5  # float32 sums in another order, over 100 steps of parameters of size ~1
 
 
@@ -100,22 +98,6 @@ def test_one_device_is_no_mesh():
 
 TINY = ["--train_examples=2000", "--validation_size=1000", "--layer_sizes=784,16,10", "--init=glorot",
         "--optimizer=sgd", "--learning_rate=0.1", "--batch_size=16", "--eval_every=100"]
-
-
-def run_cli(*args, cache_dir, check=True):
-    result = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), f"--cache_dir={cache_dir}", *args],
-                            capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def cache_dir(mnist_splits, tmp_path_factory):
-    """The packaged MNIST, parsed once into a cache the subprocesses share."""
-    cache = tmp_path_factory.mktemp("mesh_cache")
-    data.load("packaged", cache_dir=cache)
-    return cache
 
 
 def final_params(workdir: pathlib.Path, steps: int, mnist_splits):

@@ -212,7 +212,7 @@ class _RowTimer:
         self.group = group
         self.plan = train.Plan.create(row_config(config, group, grad, len(dataset.train)), dataset, devices)
         self.state = self.plan.init_state()
-        self.perm = self.plan.permutation(self.state, 0)
+        self.perm = self.plan.permutation(0)
         self.images, self.labels = data_on(self.plan.layout)
         self.host_step, self.stats_seen = 0, []
         key = (group, grad, jnp.dtype(self.plan.dtype).name)

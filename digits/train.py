@@ -142,22 +142,18 @@ class Plan:
         """A state with this plan's shapes onto the devices (a restored or a fresh one)."""
         return state if self.layout.mesh is None else parallel.place(state, self.layout, self.lanes_spec)
 
-    def permutation(self, state: TrainState, epoch: int) -> jax.Array:
+    def permutation(self, epoch: int) -> jax.Array:
         """The epoch's data order: int32 (N,), (K, N) for K models that do not share their data,
-        (0,) / (K, 0) for full batch (every step sees the whole set)."""
+        (0,) / (K, 0) for full batch (every step sees the whole set). It derives from the
+        models' data keys (`seed_keys`), which the config fixes: no state needs to be read."""
         per_lane = self.vmapped and not self.shared_data
-        if self.layout.mesh is None and not self.shared_data:  # on the device, from the state's own keys
-            if self.full_batch:
-                return jnp.zeros((self.config.num_models, 0) if per_lane else (0,), jnp.int32)
-            return permutations(state.data_key, epoch, self.train_size, per_lane)
         if self.full_batch:
-            order = np.zeros((self.config.num_models, 0) if per_lane else (0,), np.int32)
-        else:  # from the config's keys: a state spread over processes cannot be read here
+            order = jnp.zeros((self.config.num_models, 0) if per_lane else (0,), jnp.int32)
+        else:
             keys = [seed_keys(lane["seed"])[1] for lane in self.model_lanes()]
-            keys = jnp.stack(keys) if per_lane else keys[0]
-            order = np.asarray(permutations(keys, epoch, self.train_size, per_lane))
+            order = permutations(jnp.stack(keys) if per_lane else keys[0], epoch, self.train_size, per_lane)
         if self.layout.mesh is None:
-            return jnp.asarray(order)
+            return order
         return parallel.place(order, self.layout, self.lanes_spec if per_lane else P())
 
     def chunk_end(self, step: int) -> int:
@@ -622,7 +618,7 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
     step = host_step(state)
     evaluator = Evaluator(plan.spec, plan.dtype, plan.vmapped, plan.layout)
     epoch = step // plan.steps_per_epoch
-    perm = plan.permutation(state, epoch)
+    perm = plan.permutation(epoch)
     start = time.perf_counter()
     chunk = compile_chunk(plan, state, *device["train"], perm)
     compile_s = time.perf_counter() - start
@@ -634,7 +630,7 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
     while step < plan.total_steps:
         if not plan.full_batch and step // plan.steps_per_epoch != epoch:
             epoch = step // plan.steps_per_epoch
-            perm = plan.permutation(state, epoch)  # a fresh order every epoch
+            perm = plan.permutation(epoch)  # a fresh order every epoch
         end = plan.chunk_end(step)
         start = time.perf_counter()
         state, stats = chunk(state, *device["train"], perm, jnp.int32(end - step))

@@ -246,7 +246,7 @@ def test_a_shared_batch_makes_the_first_layer_one_wide_matmul(data):
     assert plan.shared_data
     state = plan.init_state()
     images, labels = train.device_splits(data)["train"]
-    hlo = train.compile_chunk(plan, state, images, labels, plan.permutation(state, 0)).as_text()
+    hlo = train.compile_chunk(plan, state, images, labels, plan.permutation(0)).as_text()
     dots = re.findall(r"= (f32\[[\d,]+\])\S* dot\(", hlo) + re.findall(r"= (f32\[[\d,]+\])\S* fusion\([^)]*\), kind=kCustom", hlo)
     assert "f32[10,480]" in dots and "f32[784,480]" in dots, dots
     unshared = train.Plan.create(dataclasses.replace(config, sweep_learning_rates=(), num_seeds=16), data)

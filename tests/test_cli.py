@@ -296,7 +296,7 @@ def test_quick_benchmark_writes_table_csv_json_png(cache_dir, tmp_path):
     from digits import bench
 
     result = run_cli("--flagfile=experiments/benchmark_quick.cfg", "--bench_steps_per_call=10",
-                     "--bench_layer_sizes=784,10,10", f"--workdir={tmp_path}",
+                     "--bench_layer_sizes=784,10,10", "--bench_max_row_seconds=0.2", f"--workdir={tmp_path}",
                      cache_dir=cache_dir)
     assert "man/auto" in result.stdout
     with open(tmp_path / "benchmark.csv") as f:

@@ -153,7 +153,7 @@ def test_chunks_of_any_length_share_one_compilation(small):
     jitted = jax.jit(chex.assert_max_traces(n=1)(plan.make_chunk()), donate_argnums=0)
     state = plan.init_state()
     images, labels = train.device_splits(small)["train"]
-    perm = plan.permutation(state, 0)
+    perm = plan.permutation(0)
     for steps in (1, 7, 13):
         state, _ = jitted(state, images, labels, perm, jnp.int32(steps))
     assert int(state.step) == 21

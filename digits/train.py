@@ -6,6 +6,11 @@ loop (`lax.fori_loop` with a traced trip count, so chunks of any length share on
 gathering mini-batches on the device from a per-epoch permutation of uint8 images. Control
 returns to Python only between chunks, where `fit` evaluates and calls its hooks (metrics,
 checkpoints, the progress bar: whatever the application plugs in).
+
+K models (seeds x learning rates) train in one program, vmapped; when they share their data the
+batch is computed once. On several devices (`Plan.layout`, see `digits.parallel`) the chunk runs
+under `jax.shard_map`: models spread along the mesh's model axis, each batch along its data axis
+with the gradients all-reduced there.
 """
 
 from __future__ import annotations

@@ -196,3 +196,11 @@ def test_every_mode_runs_on_eight_fake_devices(cache_dir, tmp_path, mnist_splits
     assert rows[0]["allreduce_bytes"] == 0
     assert rows[1]["allreduce_bytes"] == 4 * (784 * 10 + 10 + 10 * 10 + 10 + 1)  # every dW, db and the loss
     assert rows[1]["speedup_vs_one_device"] == pytest.approx(rows[1]["examples_per_s"] / rows[0]["examples_per_s"])
+
+
+def test_a_bad_flag_in_two_processes_is_one_line_and_a_non_zero_exit(capfd, tmp_path):
+    assert launch.run(2, ["--num_devices=5", "--steps=1", f"--workdir={tmp_path}"], timeout=120) == 1
+    errors = [line for line in capfd.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["error: num_devices=5 but only 2 cpu device(s) are available",
+                      "process 1: error: num_devices=5 but only 2 cpu device(s) are available"]
+    assert not (tmp_path / "config.json").exists()  # nothing written before the check

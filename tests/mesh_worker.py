@@ -7,6 +7,7 @@ and prints one JSON object of measured differences for tests/test_parallel.py to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -96,11 +97,11 @@ def models() -> dict:
     """K = 8 seeds on 8 devices vs the unsharded vmapped run; a shared-data sweep on 2 x 4."""
     dataset, out = synthetic(), {}
     seeds = Config(**DENSE, num_seeds=8)
-    reference, _ = train_on(dataclasses_replace(seeds, num_devices=1), dataset, 1)
+    reference, _ = train_on(dataclasses.replace(seeds, num_devices=1), dataset, 1)
     params, layout = train_on(seeds, dataset, 8)
     out["seeds_K8_D8"] = {"diff": max_difference(params, reference), "mesh": [layout.model_size, layout.data_size]}
     sweep = Config(**DENSE, num_seeds=2, shared_data_order=True, sweep_learning_rates=(0.05, 0.1))
-    reference, _ = train_on(dataclasses_replace(sweep, num_devices=1), dataset, 1)
+    reference, _ = train_on(dataclasses.replace(sweep, num_devices=1), dataset, 1)
     params, layout = train_on(sweep, dataset, 8)
     out["shared_K4_D8"] = {"diff": max_difference(params, reference), "mesh": [layout.model_size, layout.data_size]}
     # Shared data: seeds differ only in their initialisation, so lane 0 and 1 of one learning
@@ -112,12 +113,6 @@ def models() -> dict:
     out["one_step_chunks_D8"] = {"diff": max_difference(params, train_on(Config(**DENSE, num_devices=1), dataset, 1)[0]),
                                  "mesh": [layout.model_size, layout.data_size]}
     return out
-
-
-def dataclasses_replace(config: Config, **changes) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 def errors() -> dict:

@@ -106,40 +106,28 @@ def tiny_dataset(mnist_splits) -> data.Dataset:
                         mnist_splits.test)
 
 
-def tiny_config(steps: int) -> Config:
+def tiny_config(steps: int, num_seeds: int = 1) -> Config:
     return Config(layer_sizes=(784, 16, 10), init="glorot", optimizer="sgd", learning_rate=0.1, batch_size=16,
-                  steps=steps, train_examples=2000, validation_size=1000, num_devices=1)
+                  steps=steps, train_examples=2000, validation_size=1000, num_devices=1, num_seeds=num_seeds)
 
 
-def final_params(workdir: pathlib.Path, steps: int, mnist_splits):
+def final_params(workdir: pathlib.Path, steps: int, mnist_splits, num_seeds: int = 1):
     """The parameters of a workdir's last checkpoint, which must be at `steps`."""
-    plan = train.Plan.create(tiny_config(steps), tiny_dataset(mnist_splits))
+    plan = train.Plan.create(tiny_config(steps, num_seeds), tiny_dataset(mnist_splits))
     state, _ = checkpoint.restore(workdir / "checkpoints", plan.init_state())
     assert train.host_step(state) == steps
     return jax.tree.map(np.asarray, state.params)
 
 
-def one_device_params(steps: int, mnist_splits):
+def one_device_params(steps: int, mnist_splits, num_seeds: int = 1):
     """TINY trained here, on one device, without a break."""
     dataset = tiny_dataset(mnist_splits)
-    plan = train.Plan.create(tiny_config(steps), dataset)
+    plan = train.Plan.create(tiny_config(steps, num_seeds), dataset)
     return jax.tree.map(np.asarray, train.fit(plan, plan.init_state(), train.device_splits(dataset)).state.params)
 
 
 def max_difference(a, b) -> float:
     return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def test_a_run_resumes_on_another_device_count(cache_dir, tmp_path, mnist_splits):
-    """8 devices to step 60, then 1 device to 120 = one device all the way. (The reverse, 1 device
-    to 8, is tested on the checkpoints themselves in test_checkpoint.py.)"""
-    moved = tmp_path / "moved"
-    first = run_cli(*TINY, "--steps=60", "--cpu_devices=8", "--num_devices=8", f"--workdir={moved}", cache_dir=cache_dir)
-    assert "8 cpu devices = 1 (model) x 8 (data)" in first.stdout
-    assert json.loads((moved / "config.json").read_text())["mesh"]["data_axis"] == 8
-    second = run_cli(*TINY, "--steps=120", f"--workdir={moved}", cache_dir=cache_dir)
-    assert "Resuming from the checkpoint at step 60" in second.stdout and "1 device" in second.stdout
-    assert max_difference(final_params(moved, 120, mnist_splits), one_device_params(120, mnist_splits)) < FLOAT32_ATOL
 
 
 def test_two_processes_train_survive_sigkill_equal_one_process_and_evaluate(cache_dir, tmp_path, mnist_splits):
@@ -174,13 +162,18 @@ def test_two_processes_train_survive_sigkill_equal_one_process_and_evaluate(cach
 
 
 def test_every_mode_runs_on_eight_fake_devices(cache_dir, tmp_path, mnist_splits):
-    """train (2 seeds: a 2 x 4 mesh), eval, predict and a benchmark across 1 and 2 devices.
-    (gradcheck runs on one device whatever the mesh.)"""
+    """train (2 seeds: a 2 x 4 mesh), resume on 1 device, eval, predict and a benchmark across 1
+    and 2 devices. (gradcheck runs on one device whatever the mesh.)"""
     from PIL import Image
 
     workdir, eight = tmp_path / "run", "--cpu_devices=8"
     trained = run_cli(*TINY, "--steps=40", "--num_seeds=2", eight, f"--workdir={workdir}", cache_dir=cache_dir)
     assert "8 cpu devices = 2 (model) x 4 (data)" in trained.stdout
+    assert json.loads((workdir / "config.json").read_text())["mesh"]["data_axis"] == 4
+    # The 8-device checkpoint resumes on 1 device and ends where 1 device all the way does.
+    resumed = run_cli(*TINY, "--steps=80", "--num_seeds=2", f"--workdir={workdir}", cache_dir=cache_dir)
+    assert "Resuming from the checkpoint at step 40" in resumed.stdout and "1 device" in resumed.stdout
+    assert max_difference(final_params(workdir, 80, mnist_splits, 2), one_device_params(80, mnist_splits, 2)) < FLOAT32_ATOL
     accuracy = json.loads((workdir / "summary.json").read_text())["across_models"]["test_accuracy"]["values"][0]
     run_cli("--mode=eval", eight, f"--workdir={workdir}", cache_dir=cache_dir)
     assert json.loads((workdir / "eval.json").read_text())["test"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)

@@ -81,6 +81,10 @@ def prepare_workdir(workdir: pathlib.Path, config: Config, overwrite: bool, extr
     if parallel.is_primary():  # in a multi-process run, process 0 writes; every process checks
         workdir.mkdir(parents=True, exist_ok=True)
         report.write_json(config_path, {"config": config.to_dict(), **report.environment(), **extra})
+    if jax.process_count() > 1:  # nobody looks for checkpoints while process 0 may be deleting them
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("workdir prepared")
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -130,10 +134,10 @@ class Progress:
         self.unit = unit
 
     def update(self, position: int, fields: dict) -> None:
-        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items() if v is not None}
         if self.quiet:
-            pass
-        elif self.bar is not None:
+            return
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items() if v is not None}
+        if self.bar is not None:
             self.bar.update(position - self.position)
             self.bar.set_postfix(shown, refresh=False)
         else:

@@ -108,7 +108,8 @@ def _manager(directory: pathlib.Path, keep: int = 0, writer: bool = False):
     )
     handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), METADATA_ITEM: ocp.JsonCheckpointHandler(),
                 DIGEST_ITEM: ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    # orbax's tensorstore paths must be absolute; a workdir is often given relative (runs/...).
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options, item_handlers=handlers)
 
 
 def _check_not_old_format(directory: pathlib.Path) -> None:

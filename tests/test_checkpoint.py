@@ -333,3 +333,13 @@ def test_sharded_round_trip_between_4_devices_and_1(tmp_path):
         print("shards", [s.data.shape for s in onto_four["w"].addressable_shards])
     """)
     assert "shards [(2, 4), (2, 4), (2, 4), (2, 4)]" in result.stdout
+
+
+def test_a_relative_directory_works(tmp_path, monkeypatch):
+    """The CLI's default workdir is relative (runs/...); orbax wants absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    checkpoint.save("relative/checkpoints", 5, state)
+    assert checkpoint.list_steps("relative/checkpoints") == [5]
+    restored, _ = checkpoint.restore("relative/checkpoints", {"w": np.zeros((2, 3), np.float32)})
+    np.testing.assert_array_equal(restored["w"], state["w"])

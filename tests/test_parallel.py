@@ -25,21 +25,42 @@ from digits.config import Config
 FLOAT32_ATOL = 1e-5  # float32 sums in another order, over 100 steps of parameters of size ~1
 
 
-def worker(scenario: str) -> dict:
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_worker.py"), scenario], capture_output=True,
-                            text=True, env=ENV, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+SCENARIOS = ("data_parallel", "models", "errors")
 
 
 @pytest.fixture(scope="module")
-def data_parallel():
-    return worker("data_parallel")
+def workers():
+    """The mesh_worker scenarios, started together: each is mostly single-threaded compilation,
+    so on 2 cores running them side by side saves a good part of their time."""
+    started = {name: subprocess.Popen([sys.executable, str(ROOT / "tests" / "mesh_worker.py"), name], env=ENV, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name in SCENARIOS}
+    yield started
+    for process in started.values():  # a scenario no selected test asked for
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def result(process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def models():
-    return worker("models")
+def data_parallel(workers):
+    return result(workers["data_parallel"])
+
+
+@pytest.fixture(scope="module")
+def models(workers):
+    return result(workers["models"])
+
+
+@pytest.fixture(scope="module")
+def mesh_errors(workers):
+    return result(workers["errors"])
 
 
 @pytest.mark.parametrize("grad", ["manual", "autodiff"])
@@ -78,8 +99,8 @@ def test_many_one_step_chunks_with_collectives_do_not_deadlock(models):
     assert models["one_step_chunks_D8"]["mesh"] == [1, 8] and models["one_step_chunks_D8"]["diff"] < FLOAT32_ATOL
 
 
-def test_impossible_meshes_are_one_line_errors():
-    found = worker("errors")
+def test_impossible_meshes_are_one_line_errors(mesh_errors):
+    found = mesh_errors
     assert found["too_many"] == "num_devices=9 but only 8 cpu device(s) are available"
     assert "batch_size=10 cannot be split over the data axis of 4 devices" in found["batch_not_divisible"]
     assert "more devices than examples" in found["more_devices_than_examples"]

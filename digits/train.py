@@ -138,6 +138,15 @@ class Plan:
         """How per-model arrays (the state, the data orders) lie on the mesh."""
         return P(parallel.MODEL) if self.vmapped else P()
 
+    @property
+    def per_model_order(self) -> bool:
+        """Each of the K models has its own data order ((K, N) permutations, vmapped batches)."""
+        return self.vmapped and not self.shared_data
+
+    @property
+    def perm_spec(self) -> P:
+        return self.lanes_spec if self.per_model_order else P()
+
     def init_state(self, placed: bool = True) -> TrainState:
         """The fresh state of every model, on the mesh (or, placed=False, on the default device)."""
         state = init_run_state(self.config, self.spec, self.tx, self.dtype)
@@ -151,7 +160,7 @@ class Plan:
         """The epoch's data order: int32 (N,), (K, N) for K models that do not share their data,
         (0,) / (K, 0) for full batch (every step sees the whole set). It derives from the
         models' data keys (`seed_keys`), which the config fixes: no state needs to be read."""
-        per_lane = self.vmapped and not self.shared_data
+        per_lane = self.per_model_order
         if self.full_batch:
             order = jnp.zeros((self.config.num_models, 0) if per_lane else (0,), jnp.int32)
         else:
@@ -159,7 +168,7 @@ class Plan:
             order = permutations(jnp.stack(keys) if per_lane else keys[0], epoch, self.train_size, per_lane)
         if self.layout.mesh is None:
             return order
-        return parallel.place(order, self.layout, self.lanes_spec if per_lane else P())
+        return parallel.place(order, self.layout, self.perm_spec)
 
     def chunk_end(self, step: int) -> int:
         """Chunks end at evaluations, epochs, checkpoints, `steps_per_call` and the last step,
@@ -290,7 +299,7 @@ def make_train_chunk(plan: Plan):
     (`backprop.data_parallel`). Dropout and augmentation then draw per slice (the key folds in
     the slice index): the same distribution as on one device, not the same draws.
     """
-    config, spec, dtype = plan.config, plan.spec, plan.dtype
+    config, spec, dtype, tx = plan.config, plan.spec, plan.dtype, plan.tx
     shards = plan.layout.data_size
     local_batch = plan.batch_size // shards
     value_and_grad, reference = grad_function(config.grad), backprop.autodiff_value_and_grad
@@ -352,7 +361,6 @@ def make_train_chunk(plan: Plan):
         )
         return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key), stats
 
-    tx = plan.tx
     wide = plan.shared_data and isinstance(spec.layers[0], layers.Dense)
 
     def model_axes(state):
@@ -367,10 +375,8 @@ def make_train_chunk(plan: Plan):
         if not plan.vmapped:
             return model_step(state, stats, images, labels, perm, batch)
         axes = model_axes(state)
-        if plan.shared_data:  # the batch is not vmapped: every model multiplies the same x
-            in_axes = (axes, 0, None, None, None, None)
-        else:
-            in_axes = (axes, 0, None, None, 0, None)
+        # A shared batch is not vmapped: every model multiplies the same x.
+        in_axes = (axes, 0, None, None, 0 if plan.per_model_order else None, None)
         return jax.vmap(model_step, in_axes=in_axes, out_axes=(axes, 0))(state, stats, images, labels, perm, batch)
 
     def shared_batch(state, images, labels, perm):
@@ -424,8 +430,8 @@ def compile_chunk(plan: Plan, state, images, labels, perm):
     fn = plan.make_chunk()
     if plan.layout.mesh is not None:
         lanes = plan.lanes_spec
-        perm_spec = lanes if plan.vmapped and not plan.shared_data else P()
-        fn = jax.shard_map(fn, mesh=plan.layout.mesh, in_specs=(lanes, P(), P(), perm_spec, P()), out_specs=(lanes, P()))
+        fn = jax.shard_map(fn, mesh=plan.layout.mesh, in_specs=(lanes, P(), P(), plan.perm_spec, P()),
+                           out_specs=(lanes, P()))
     jitted = jax.jit(fn, donate_argnums=0)
     return jitted.lower(state, images, labels, perm, jnp.int32(1)).compile()
 

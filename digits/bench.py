@@ -44,9 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax.sharding import PartitionSpec as P
-
-from digits import backprop, data, model, parallel, report, train
+from digits import data, model, parallel, report, train
 from digits.config import Config
 
 ROW_KEYS = (
@@ -177,11 +175,8 @@ def analyse_gradient(plan: train.Plan) -> dict:
     memory = compiled.memory_analysis()
     allreduce = 0
     if plan.layout.data_size > 1:
-        shards = plan.layout.data_size
-        sharded = backprop.data_parallel(fn, parallel.DATA, shards)
-        step = jax.shard_map(lambda p, b, k: sharded(p, b, plan.spec, k), mesh=plan.layout.mesh,
-                             in_specs=(P(), P(parallel.DATA), P()), out_specs=P())
-        allreduce = allreduce_bytes(jax.jit(step).lower(params, (x, labels), key).compile().as_text())
+        step = jax.jit(train.plan_value_and_grad(plan))
+        allreduce = allreduce_bytes(step.lower(params, (x, labels), key).compile().as_text())
     return {"grad_flops": cost.get("flops"), "grad_bytes_accessed": cost.get("bytes accessed"),
             "grad_temp_bytes": getattr(memory, "temp_size_in_bytes", None), "allreduce_bytes": allreduce}
 

@@ -282,6 +282,18 @@ def grad_function(grad: str):
     return backprop.autodiff_value_and_grad if grad == "autodiff" else backprop.value_and_grad
 
 
+def plan_value_and_grad(plan: Plan):
+    """(params, batch, dropout_key) -> (loss, grads) of one model on the plan's devices: the
+    gradient function the config names, and on a data axis the sharded one (each device its
+    slice of the batch, then the all-reduce). Not jitted."""
+    fn = grad_function(plan.config.grad)
+    if plan.layout.data_size == 1:
+        return lambda params, batch, key=None: fn(params, batch, plan.spec, key)
+    sharded = backprop.data_parallel(fn, parallel.DATA, plan.layout.data_size)
+    return jax.shard_map(lambda params, batch, key: sharded(params, batch, plan.spec, key), mesh=plan.layout.mesh,
+                         in_specs=(P(), P(parallel.DATA), P()), out_specs=P())
+
+
 # --- the compiled chunk -------------------------------------------------------------------------
 
 

@@ -53,20 +53,13 @@ def largest(tree) -> float:
 def gradient_on(grad: str, dataset: data.Dataset, devices: int):
     """(loss, grads) of one batch of 16, its slices' gradients all-reduced over `devices`."""
     import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
 
-    from digits import backprop, model
+    from digits import model
 
     plan = train.Plan.create(Config(**DENSE, grad=grad, num_devices=devices), dataset, jax.devices()[:devices])
     params = model.init(jax.random.PRNGKey(0), plan.spec, plan.dtype)
     batch = (model.inputs(jnp.asarray(dataset.train.images[:16]), plan.spec), jnp.asarray(dataset.train.labels[:16]))
-    fn = train.grad_function(grad)
-    if devices == 1:
-        return jax.tree.map(np.asarray, jax.jit(lambda p, b: fn(p, b, plan.spec))(params, batch))
-    sharded = backprop.data_parallel(fn, parallel.DATA, devices)
-    step = jax.shard_map(lambda p, b: sharded(p, b, plan.spec), mesh=plan.layout.mesh,
-                         in_specs=(P(), P(parallel.DATA)), out_specs=P())
-    return jax.tree.map(np.asarray, jax.jit(step)(params, batch))
+    return jax.tree.map(np.asarray, jax.jit(train.plan_value_and_grad(plan))(params, batch, None))
 
 
 def data_parallel() -> dict:

@@ -106,3 +106,19 @@ def data_parallel(value_and_grad, axis: str, shards: int):
         return all_reduce_mean(loss, grads, axis, shards)
 
     return sharded_value_and_grad
+
+
+def input_gradient(params, x: jax.Array, spec: model.ModelSpec, dlogits: jax.Array) -> jax.Array:
+    """The hand-derived dC/dx for a given cotangent of the logits (no dropout, evaluation mode).
+
+    x: (B, *input_shape); dlogits: (B, num_classes), dC/dz_L. Returns dx shaped like x: the same
+    reverse walk as `value_and_grad`, with the input layer's dX computed too (training skips it).
+    Saliency maps use it: dlogits = d p_c / d z for the predicted class c.
+    """
+    inputs, caches, _ = model.forward(params, x, spec)
+    delta = dlogits
+    for l in reversed(range(len(params))):
+        _, delta = spec.layers[l].backward(params[l], caches[l], delta, True)
+        if l > 0 and spec.activated(l - 1):
+            delta = delta * activation_derivative(inputs[l], spec.activation)
+    return delta

@@ -387,8 +387,9 @@ def run_gradcheck(config: Config, workdir: pathlib.Path) -> dict:
     return summary
 
 
-def load_trained(workdir: pathlib.Path):
-    """(config, dataset, plan, params of model 0) from a training workdir's latest checkpoint."""
+def restore_trained(workdir: pathlib.Path):
+    """(config, dataset, plan, state) from a training workdir's latest checkpoint: the state of
+    every model (stacked on a leading axis of K when the run trained K > 1), on the run's mesh."""
     config = read_workdir_config(workdir)
     dataset = load_dataset(config)
     plan = make_plan(config, dataset)
@@ -396,6 +397,12 @@ def load_trained(workdir: pathlib.Path):
         state, _ = checkpoint.restore(workdir / CHECKPOINT_DIR, plan.init_state())
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
+    return config, dataset, plan, state
+
+
+def load_trained(workdir: pathlib.Path):
+    """(config, dataset, plan, params of model 0) from a training workdir's latest checkpoint."""
+    config, dataset, plan, state = restore_trained(workdir)
     params = state.params
     if plan.vmapped:  # model 0, on every device (and process) of a mesh
         first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731

@@ -37,6 +37,10 @@ flags.DEFINE_list("results_flagfiles", [], "For --mode=results: the experiment f
 flags.DEFINE_integer("results_seeds", 5, "For --mode=results: seeds per experiment (trained at once with vmap).",
                      lower_bound=1)
 flags.DEFINE_string("results_dir", "docs", "For --mode=results: where results.md and results.json go.")
+flags.DEFINE_integer("port", 8000, "For --mode=serve: the TCP port of the drawing page (0: any free port).",
+                     lower_bound=0, upper_bound=65535)
+flags.DEFINE_string("host", "127.0.0.1", "For --mode=serve: the address to listen on (another than 127.0.0.1 "
+                    "lets other machines use the page).")
 # Process setup: how this process joins the devices, not what it computes (so not in the Config).
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for a multi-process run (jax.distributed); "
                     "without it, SLURM / Open MPI / TPU-pod jobs are detected by JAX, anything else is one process.")
@@ -105,7 +109,7 @@ def config_from_flagfile(path: str) -> config_lib.Config:
 def workdir_from_flags(mode: str) -> pathlib.Path:
     if FLAGS.workdir:
         return pathlib.Path(FLAGS.workdir)
-    if mode in ("eval", "predict"):
+    if mode in ("eval", "predict", "serve"):
         raise FlagError(f"--mode={mode} needs --workdir pointing at a training run")
     return pathlib.Path("runs") / f"{mode}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
@@ -134,6 +138,11 @@ def run(mode: str) -> int:
     workdir = workdir_from_flags(mode)
     if mode == "eval":
         experiment.run_eval(workdir)
+        return 0
+    if mode == "serve":
+        from digits import serve
+
+        serve.run(workdir, FLAGS.host, FLAGS.port)
         return 0
     if mode == "predict":
         if not FLAGS.images:
@@ -207,6 +216,11 @@ def parse_flags(argv):
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def console_main():
+    """The `digits` console script (setup.cfg): the same flags as `python run_experiment.py`."""
     logging.set_verbosity(logging.INFO)
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -21,7 +21,7 @@ from typing import Any, Callable
 GRADS = ("manual", "autodiff", "both")
 OPTIMIZERS = ("gd", "sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")
-MODES = ("train", "gradcheck", "eval", "predict", "benchmark", "results")
+MODES = ("train", "gradcheck", "eval", "predict", "benchmark", "results", "serve")
 SOURCES = ("auto", "packaged", "idx", "tfds")
 DATASETS = ("mnist", "fashion_mnist", "kmnist")
 HIDDEN_ACTIVATIONS = ("relu", "sigmoid", "tanh")

@@ -11,9 +11,12 @@ dense layers (a_l = z_l after pool and dropout, and for the last layer, whose z_
     maxpool  dA_{l-1} = dZ_l at each window's first maximum (row-major), 0 elsewhere
     avgpool  dA_{l-1} = dZ_l / P^2 over each window, 0 on the dropped remainder
     dropout  dA_{l-1} = dZ_l * keep / (1 - R), with the forward pass's mask
-    dZ_{l-1} = dA_{l-1} * f'(z_{l-1})       (when an activation follows layer l-1)
+    norm     dA_{l-1} = gamma / (N sigma) (N dZ_l - sum dZ_l - xhat sum(dZ_l xhat))  (batch / layer)
+    res      dA_{l-1} = dA_body + dA_shortcut  (the two paths meet again at the input)
+    dZ_{l-1} = dA_{l-1} * f'(z_{l-1})       (an activation, implicit or a layer of its own)
 
-Each layer's equations live beside its forward pass in `digits.layers`. No `jax.grad`,
+Each layer's equations live beside its forward pass in `digits.layers`; the reverse walk over
+the stack is `digits.layers.stack.backward`, which residual blocks reuse for their bodies. No `jax.grad`,
 `jax.vjp` or `jax.jvp` on this path: `tests/test_backprop.py` checks the result against
 `autodiff_value_and_grad`, the reference kept here beside it.
 """
@@ -23,18 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from digits import losses, model
-
-
-def activation_derivative(a: jax.Array, name: str) -> jax.Array:
-    """f'(z) written in terms of a = f(z), which the forward pass already holds."""
-    if name == "relu":
-        return (a > 0).astype(a.dtype)
-    if name == "sigmoid":
-        return a * (1 - a)
-    if name == "tanh":
-        return 1 - a * a
-    raise ValueError(f"unknown hidden activation {name!r}")
+from digits import layers, losses, model
+from digits.layers import stack
 
 
 def output_delta(z: jax.Array, y: jax.Array, spec: model.ModelSpec) -> jax.Array:
@@ -50,34 +43,32 @@ def output_delta(z: jax.Array, y: jax.Array, spec: model.ModelSpec) -> jax.Array
     return a * (g - jnp.sum(g * a, axis=-1, keepdims=True))
 
 
-def value_and_grad(params, batch: tuple[jax.Array, jax.Array], spec: model.ModelSpec, dropout_key=None):
-    """Same contract as `autodiff_value_and_grad(params, batch, spec, dropout_key)`.
+def value_and_grad(params, batch: tuple[jax.Array, jax.Array], spec: model.ModelSpec, dropout_key=None, state=None):
+    """Same contract as `autodiff_value_and_grad(params, batch, spec, dropout_key, state)`.
 
     params: one dict per layer; batch: (x (B, *input_shape) float, labels (B,) int).
-    Returns (scalar loss, grads with the tree structure, shapes and dtypes of params).
+    Returns (scalar loss, grads with the tree structure, shapes and dtypes of params); with the
+    model `state`, ((loss, the state after this step), grads), as jax.value_and_grad(has_aux=True).
     """
     x, labels = batch
-    inputs, caches, z = model.forward(params, x, spec, dropout_key)
+    fwd = model.forward(params, x, spec, dropout_key)
+    z = fwd.logits
     y = losses.one_hot(labels, spec.num_classes, z.dtype)
     loss = losses.cost_from_logits(z, y, spec)
     if spec.l2:
         loss = loss + losses.l2_penalty(params, spec.l2)
 
     delta = output_delta(z, y, spec) / x.shape[0]  # the batch mean's 1/B enters once, here
-    grads = [None] * len(params)
-    for l in reversed(range(len(params))):
-        # The input layer needs no dX: skipping it is work autodiff also skips.
-        grads[l], delta = spec.layers[l].backward(params[l], caches[l], delta, l > 0)
-        if spec.l2 and "w" in grads[l]:
-            grads[l]["w"] = grads[l]["w"] + spec.l2 * params[l]["w"]
-        if l > 0 and spec.activated(l - 1):
-            delta = delta * activation_derivative(inputs[l], spec.activation)
-    return loss, grads
+    # The input layer needs no dX: skipping it is work autodiff also skips.
+    grads, _ = stack.backward(spec.layers, spec.implicit_activation, params, fwd.caches, delta, need_dx=False)
+    if spec.l2:
+        grads = losses.add_l2_gradient(grads, params, spec.l2)
+    return (loss, grads) if state is None else ((loss, model.next_state(spec, state, fwd)), grads)
 
 
-def autodiff_value_and_grad(params, batch, spec: model.ModelSpec, dropout_key=None):
-    """The reference gradient: `jax.value_and_grad` of `losses.loss`."""
-    return jax.value_and_grad(losses.loss)(params, batch, spec, dropout_key)
+def autodiff_value_and_grad(params, batch, spec: model.ModelSpec, dropout_key=None, state=None):
+    """The reference gradient: `jax.value_and_grad` of `losses.loss` (with the state as aux)."""
+    return jax.value_and_grad(losses.loss, has_aux=state is not None)(params, batch, spec, dropout_key, state)
 
 
 def all_reduce_mean(loss, grads, axis: str, shards: int):
@@ -86,39 +77,45 @@ def all_reduce_mean(loss, grads, axis: str, shards: int):
     Each of the `shards` devices along mesh axis `axis` holds the loss and gradients of its
     slice of the batch (means over the slice). The batch mean is the mean of the slices' means,
     so every dW and db (and the loss) is summed across the devices — the all-reduce, the one
-    communication of a training step — and divided by the shard count. The L2 term, which every
-    slice adds whole, survives the division once.
+    communication of a training step besides batch norm's statistics — and divided by the shard
+    count. The L2 term, which every slice adds whole, survives the division once.
     """
     mean = lambda value: jax.lax.psum(value, axis) / shards  # noqa: E731
-    return mean(loss), [{name: mean(g) for name, g in layer.items()} for layer in grads]
+    return mean(loss), jax.tree.map(mean, grads)
 
 
 def data_parallel(value_and_grad, axis: str, shards: int):
     """value_and_grad over a batch slice, followed by the all-reduce: the global batch's
-    (loss, grads) on every device of `axis`. For `value_and_grad` or `autodiff_value_and_grad`."""
+    (loss, grads) on every device of `axis`. For `value_and_grad` or `autodiff_value_and_grad`.
+    Layers that need the whole batch's statistics (batch norm) all-reduce them themselves
+    (`layers.data_axis`); the model state they return is then the same on every device."""
 
-    def sharded_value_and_grad(params, batch, spec: model.ModelSpec, dropout_key=None):
+    def sharded_value_and_grad(params, batch, spec: model.ModelSpec, dropout_key=None, state=None):
         # Replicated parameters would make jax.grad sum across devices by itself (the transpose
         # of the implicit broadcast); marked as varying like the batch, they give this slice's
         # own gradient on both paths, and the one all-reduce is the explicit one below.
         params = jax.lax.pcast(params, axis, to="varying")
-        loss, grads = value_and_grad(params, batch, spec, dropout_key)
-        return all_reduce_mean(loss, grads, axis, shards)
+        with layers.data_axis(axis, shards):
+            value, grads = value_and_grad(params, batch, spec, dropout_key, state)
+        if state is None:
+            return all_reduce_mean(value, grads, axis, shards)
+        (loss, new_state), grads = value, grads
+        loss, grads = all_reduce_mean(loss, grads, axis, shards)
+        return (loss, new_state), grads
 
     return sharded_value_and_grad
 
 
-def input_gradient(params, x: jax.Array, spec: model.ModelSpec, dlogits: jax.Array) -> jax.Array:
-    """The hand-derived dC/dx for a given cotangent of the logits (no dropout, evaluation mode).
+def input_gradient(params, x: jax.Array, spec: model.ModelSpec, dlogits: jax.Array, state=None) -> jax.Array:
+    """The hand-derived dC/dx for a given cotangent of the logits, in evaluation mode.
 
-    x: (B, *input_shape); dlogits: (B, num_classes), dC/dz_L. Returns dx shaped like x: the same
-    reverse walk as `value_and_grad`, with the input layer's dX computed too (training skips it).
-    Saliency maps use it: dlogits = d p_c / d z for the predicted class c.
+    x: (B, *input_shape); dlogits: (B, num_classes), dC/dz_L; state: the model state (required
+    for models that keep one). Returns dx shaped like x: the same reverse walk as
+    `value_and_grad`, with the input layer's dX computed too (training skips it). Saliency maps
+    use it: dlogits = d p_c / d z for the predicted class c.
     """
-    inputs, caches, _ = model.forward(params, x, spec)
-    delta = dlogits
-    for l in reversed(range(len(params))):
-        _, delta = spec.layers[l].backward(params[l], caches[l], delta, True)
-        if l > 0 and spec.activated(l - 1):
-            delta = delta * activation_derivative(inputs[l], spec.activation)
-    return delta
+    state = model.eval_state(spec, state)
+    fwd = model.forward(params, x, spec, state=state)
+    _, dx = stack.backward(spec.layers, spec.implicit_activation, params, fwd.caches, dlogits, need_dx=True,
+                           state=state)
+    return dx

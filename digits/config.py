@@ -24,7 +24,7 @@ SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")
 MODES = ("train", "gradcheck", "eval", "predict", "benchmark", "results", "serve")
 SOURCES = ("auto", "packaged", "idx", "tfds")
 DATASETS = ("mnist", "fashion_mnist", "kmnist")
-HIDDEN_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+HIDDEN_ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu", "gelu")
 OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
 COSTS = ("cross_entropy", "quadratic")
 INITIALIZERS = ("uniform", "normal", "scaled_normal", "glorot", "he")
@@ -37,12 +37,14 @@ RENAMED = {"l2_per_example": "l2_over_train_size"}
 
 
 def option(default, help: str, *, choices=None, lower=None, upper=None, above=None, below=None,
-           fingerprint: bool = True, parse: Callable[[str], Any] | None = None, group: str = ""):
+           fingerprint: bool = True, parse: Callable[[str], Any] | None = None, group: str = "",
+           path: bool = False):
     """A Config field: its default and help, bounds (`lower`/`upper` inclusive, `above`/`below`
-    exclusive) or `choices`, whether a change of it forbids resuming a run (`fingerprint`), and
-    for tuples a parser from the flag's text."""
+    exclusive) or `choices`, whether a change of it forbids resuming a run (`fingerprint`), for
+    tuples a parser from the flag's text, and whether it is a filesystem path (`path`: the
+    command line expands `~` and `$VARS` in it, as a shell user expects)."""
     meta = dict(help=help, choices=choices, lower=lower, upper=upper, above=above, below=below,
-                fingerprint=fingerprint, parse=parse, group=group)
+                fingerprint=fingerprint, parse=parse, group=group, path=path)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -101,20 +103,26 @@ class Config:
     data_source: str = option("auto", "auto: TFDS if prepared in --tfds_data_dir, else the packaged MNIST; "
                               "packaged; idx; tfds.", choices=SOURCES)
     cache_dir: str = option("", "Cache for the parsed packaged MNIST (default $XDG_CACHE_HOME/digits or "
-                            "~/.cache/digits).", fingerprint=False)
-    idx_dir: str = option("", "Directory with the four IDX files, for --data_source=idx.", fingerprint=False)
+                            "~/.cache/digits).", fingerprint=False, path=True)
+    idx_dir: str = option("", "Directory with the four IDX files, for --data_source=idx.", fingerprint=False,
+                         path=True)
     tfds_data_dir: str = option("", "TFDS data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets).",
-                                fingerprint=False)
+                                fingerprint=False, path=True)
     tfds_download: bool = option(False, "Allow TFDS to download a missing dataset (needs network).", fingerprint=False)
     validation_size: int = option(10000, "Last N training images held out for validation.", lower=0)
     train_examples: int = option(0, "Use only the first N training images (0: all).", lower=0)
     # model
     layer_sizes: tuple[int, ...] = option((784, 10, 10), "Dense layer widths, input first: 784,30,10 "
                                           "(ignored when --layers is set).", parse=parse_ints, group="model")
-    layers: str = option("", "A layer stack, e.g. conv5x5:20,maxpool2,dense:100,dropout:0.5,dense:10 "
+    layers: str = option("", "A layer stack, e.g. conv5x5:20,maxpool2,dense:100,dropout:0.5,dense:10 or "
+                         "conv3x3:16:same,batchnorm,relu,res(conv3x3:16:same,batchnorm,relu,conv3x3:16:same),gap,dense:10 "
                          "(see the README); empty: the dense net of --layer_sizes.")
-    activation: str = option("relu", "Hidden-layer activation (after every conv and dense layer but the last).",
-                             choices=HIDDEN_ACTIVATIONS)
+    layer_modules: tuple[str, ...] = option((), "Python modules (importable names or .py paths), comma-separated, "
+                                            "imported before --layers is parsed: their registered layer kinds are "
+                                            "usable in --layers (see docs/layers.md).", parse=parse_words)
+    activation: str = option("relu", "Hidden-layer activation after every conv, dense and res layer but the last, "
+                             "unless --layers names activation layers itself (leaky_relu: slope 0.01; gelu: exact "
+                             "erf form).", choices=HIDDEN_ACTIVATIONS)
     output: str = option("softmax", "Output activation.", choices=OUTPUT_ACTIVATIONS)
     cost: str = option("cross_entropy", "Per-example cost.", choices=COSTS)
     init: str = option("uniform", "uniform: U(-scale, scale); normal: N(0,1); scaled_normal: N(0,1/n_in); "
@@ -141,7 +149,8 @@ class Config:
                                  lower=0, fingerprint=False)
     eval_every: int = option(0, "Evaluate every N steps (0: every epoch; 50 steps for full batch).",
                              lower=0, fingerprint=False)
-    audit_every: int = option(0, "With --grad=both: compare manual with jax.grad every N steps.", lower=0)
+    audit_every: int = option(0, "With --grad=both: compare manual with jax.grad every N steps (0: at every "
+                             "evaluation).", lower=0)
     seed: int = option(0, "Seed of the initialisation and the data order.", lower=0)
     x64: bool = option(False, "Train and check gradients in float64.")
     num_seeds: int = option(1, "Train K models (seeds seed..seed+K-1) at once with jax.vmap.", lower=1)
@@ -325,9 +334,11 @@ def _check_combination(c: Config) -> None:
     """Rules that involve several fields; the per-field bounds are checked from the declarations."""
     _require(len(c.layer_sizes) >= 2 and min(c.layer_sizes) >= 1,
              f"layer_sizes needs at least an input and an output width, all >= 1, got {format_value(c.layer_sizes)}")
-    if c.layers:
-        from digits import model  # the layer grammar lives beside the layers
+    if c.layer_modules or c.layers:
+        from digits import layers, model  # the layer grammar lives beside the layers
 
+        layers.import_modules(c.layer_modules)
+    if c.layers:
         try:
             model.parse_layers(c.layers)
         except ValueError as e:

@@ -71,7 +71,12 @@ class LeafReport:
 
 
 def _leaf_names(params) -> list[str]:
-    return [f"layer{i}.{k}" for i, layer in enumerate(params) for k in sorted(layer)]
+    """"layer0.w", ... in leaf order; nested blocks add their path ("layer3.body.0.w", "layer3.proj.b")."""
+    def name(path):
+        parts = [str(getattr(key, "key", getattr(key, "idx", key))) for key in path]
+        return ".".join([f"layer{parts[0]}"] + parts[1:])
+
+    return [name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 # --- the error models --------------------------------------------------------------------------
@@ -377,11 +382,12 @@ def verdict(reports: list[LeafReport]) -> bool:
 
 def format_reports(reports: list[LeafReport]) -> str:
     """A fixed-width table, one row per leaf and reference; ratio = max |err| / (atol + rtol |ref|)."""
-    lines = [f"{'leaf':<12} {'reference':<18} {'max abs err':>12} {'rel err':>10} {'cosine':>10} "
+    width = max([12] + [len(r.leaf) for r in reports])
+    lines = [f"{'leaf':<{width}} {'reference':<18} {'max abs err':>12} {'rel err':>10} {'cosine':>10} "
              f"{'atol':>9} {'rtol':>9} {'ratio':>9}  ok"]
     for r in reports:
         lines.append(
-            f"{r.leaf:<12} {r.reference:<18} {r.max_abs_error:12.3e} {r.relative_error:10.2e} "
+            f"{r.leaf:<{width}} {r.reference:<18} {r.max_abs_error:12.3e} {r.relative_error:10.2e} "
             f"{r.cosine_similarity:10.7f} {r.atol:9.2e} {r.rtol:9.2e} {r.worst_ratio:9.2e}  "
             f"{'PASS' if r.passed else 'FAIL'}"
         )

@@ -28,18 +28,30 @@ def cost_from_logits(z: jax.Array, y: jax.Array, spec: model.ModelSpec) -> jax.A
     return jnp.mean(per_example)
 
 
+def is_weight(path) -> bool:
+    """Whether a params leaf is a weight "w" (dense, conv, a shortcut's projection): L2 covers
+    those, never biases or normalization scales, as in Nielsen's network2."""
+    return bool(path) and getattr(path[-1], "key", None) == "w"
+
+
 def l2_penalty(params, l2: float) -> jax.Array:
-    """0.5 * l2 * sum of squared weights "w" of every layer (dense and conv); biases are not
-    penalised, as in Nielsen's network2."""
-    return 0.5 * l2 * sum(jnp.sum(layer["w"] ** 2) for layer in params if "w" in layer)
+    """0.5 * l2 * sum of squared weights "w" of every layer, nested blocks included."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return 0.5 * l2 * sum(jnp.sum(leaf ** 2) for path, leaf in leaves if is_weight(path))
 
 
-def loss(params, batch: tuple[jax.Array, jax.Array], spec: model.ModelSpec, dropout_key=None) -> jax.Array:
+def add_l2_gradient(grads, params, l2: float):
+    """grads + l2 * w on every weight leaf (the gradient of `l2_penalty`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, g, p: g + l2 * p if is_weight(path) else g, grads, params)
+
+
+def loss(params, batch: tuple[jax.Array, jax.Array], spec: model.ModelSpec, dropout_key=None, state=None):
     """batch: (x float (B, *input_shape), labels int (B,)) -> scalar loss; the function jax.grad
-    sees (`backprop.autodiff_value_and_grad`). Dropout is active iff dropout_key is given."""
+    sees (`backprop.autodiff_value_and_grad`). Training mode: batch statistics, dropout iff
+    dropout_key is given. With the model `state`, returns (loss, the state after this step)."""
     x, labels = batch
-    z = model.logits(params, x, spec, dropout_key)
-    value = cost_from_logits(z, one_hot(labels, spec.num_classes, z.dtype), spec)
+    fwd = model.forward(params, x, spec, dropout_key)
+    value = cost_from_logits(fwd.logits, one_hot(labels, spec.num_classes, fwd.logits.dtype), spec)
     if spec.l2:
         value = value + l2_penalty(params, spec.l2)
-    return value
+    return value if state is None else (value, model.next_state(spec, state, fwd))

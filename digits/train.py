@@ -36,13 +36,16 @@ _STEP_STREAM = 0x7FFFFFFF  # fold_in(data_key, epoch) orders the data; this stre
 
 
 class TrainState(NamedTuple):
-    """params: the model pytree; step: int32 (); learning_rate: float (); data_key: uint32 (2,)."""
+    """params: the model pytree; step: int32 (); learning_rate: float (); data_key: uint32 (2,);
+    model_state: what the model keeps besides params (batch-norm statistics; [{}, ...] for most
+    models, which adds no leaves, so checkpoints of earlier versions restore unchanged)."""
 
     params: list
     opt_state: optax.OptState
     step: jax.Array
     learning_rate: jax.Array
     data_key: jax.Array
+    model_state: list
 
 
 class ChunkStats(NamedTuple):
@@ -94,8 +97,8 @@ def model_spec(config: Config, image_shape: tuple[int, ...], num_classes: int, t
     if not config.layers:
         return spec  # the dense shorthand may have more outputs than classes
     if spec.num_classes != num_classes:
-        last = config.layers.split(",")[-1].strip()
-        raise ValueError(f"layers: the last layer {last} must be dense:{num_classes} (the class count)")
+        raise ValueError(f"layers: the last layer {spec.layers[-1].text} must output {num_classes} values, one per "
+                         f"class (e.g. dense:{num_classes}), not {spec.num_classes}")
     return spec
 
 
@@ -242,7 +245,8 @@ def init_state(seed: int, learning_rate: float, spec: model.ModelSpec, tx: optax
     """A fresh state; init and data order both derive from `seed`."""
     init_key, data_key = seed_keys(seed)
     params = model.init(init_key, spec, dtype)
-    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jnp.asarray(learning_rate, dtype), data_key)
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jnp.asarray(learning_rate, dtype), data_key,
+                      model.init_state(spec, dtype))
 
 
 def init_run_state(config: Config, spec: model.ModelSpec, tx, dtype) -> TrainState:
@@ -288,10 +292,10 @@ def plan_value_and_grad(plan: Plan):
     slice of the batch, then the all-reduce). Not jitted."""
     fn = grad_function(plan.config.grad)
     if plan.layout.data_size == 1:
-        return lambda params, batch, key=None: fn(params, batch, plan.spec, key)
+        return lambda params, batch, key=None, state=None: fn(params, batch, plan.spec, key, state)
     sharded = backprop.data_parallel(fn, parallel.DATA, plan.layout.data_size)
-    return jax.shard_map(lambda params, batch, key: sharded(params, batch, plan.spec, key), mesh=plan.layout.mesh,
-                         in_specs=(P(), P(parallel.DATA), P()), out_specs=P())
+    return jax.shard_map(lambda params, batch, key, state=None: sharded(params, batch, plan.spec, key, state),
+                         mesh=plan.layout.mesh, in_specs=(P(), P(parallel.DATA), P(), P()), out_specs=P())
 
 
 # --- the compiled chunk -------------------------------------------------------------------------
@@ -362,7 +366,11 @@ def make_train_chunk(plan: Plan):
         if batch is None:
             batch = batch_at(state.step, augment_key, images, labels, perm)
         dropout_key = shard_key(dropout_key) if spec.has_dropout else None
-        loss, grads = value_and_grad(state.params, batch, spec, dropout_key)
+        model_state = state.model_state
+        if spec.stateful:  # batch statistics of this batch; the audit compares on the same ones
+            (loss, model_state), grads = value_and_grad(state.params, batch, spec, dropout_key, model_state)
+        else:
+            loss, grads = value_and_grad(state.params, batch, spec, dropout_key)
         if audit_every:
             stats = audit_step(state, batch, grads, dropout_key, stats)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -371,7 +379,7 @@ def make_train_chunk(plan: Plan):
         stats = stats._replace(
             loss_sum=stats.loss_sum + loss, first_bad_step=jnp.where(bad, state.step, stats.first_bad_step)
         )
-        return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key), stats
+        return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key, model_state), stats
 
     wide = plan.shared_data and isinstance(spec.layers[0], layers.Dense)
 
@@ -452,19 +460,20 @@ def compile_chunk(plan: Plan, state, images, labels, perm):
 
 
 def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int = 10000):
-    """Returns evaluate(params, images, labels) -> (mean cost, accuracy, predictions int32 (N,)).
+    """Returns evaluate(params, images, labels, model_state) -> (mean cost, accuracy, predictions
+    int32 (N,)), in evaluation mode (no dropout, running statistics).
 
     Runs in fixed-size padded chunks (one compilation for every split). Works on one model;
-    `jax.vmap` it over stacked params for K models.
+    `jax.vmap` it over stacked params and states for K models.
     """
 
-    def chunk_outputs(params, images, labels):
-        z = model.logits(params, model.inputs(images, spec, dtype), spec)
+    def chunk_outputs(params, model_state, images, labels):
+        z = model.logits(params, model.inputs(images, spec, dtype), spec, state=model_state)
         y = losses.one_hot(labels, spec.num_classes, z.dtype)
         per_example_cost = jax.vmap(lambda zi, yi: losses.cost_from_logits(zi[None], yi[None], spec))(z, y)
         return per_example_cost, jnp.argmax(z, axis=-1).astype(jnp.int32)
 
-    def evaluate(params, images, labels):
+    def evaluate(params, images, labels, model_state):
         n = images.shape[0]
         size = min(eval_batch, n)
         pad = (-n) % size
@@ -472,7 +481,7 @@ def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int = 10000):
         labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
         shape = (-1, size)
         costs, preds = jax.lax.map(
-            lambda c: chunk_outputs(params, *c),
+            lambda c: chunk_outputs(params, model_state, *c),
             (images.reshape(shape + images.shape[1:]), labels.reshape(shape)),
         )
         costs, preds = costs.reshape(-1)[:n], preds.reshape(-1)[:n]
@@ -485,33 +494,37 @@ class Evaluator:
     """Compiled evaluation of one model or K stacked models, compile time kept apart."""
 
     def __init__(self, spec, dtype, vmapped: bool, layout: parallel.Layout = parallel.SINGLE):
+        self.spec = spec
         fn = make_evaluate(spec, dtype)
-        fn = jax.vmap(fn, in_axes=(0, None, None)) if vmapped else fn
+        fn = jax.vmap(fn, in_axes=(0, None, None, 0)) if vmapped else fn
         # On a mesh the results come back replicated, so every process can read them.
         self.fn = jax.jit(fn) if layout.mesh is None else jax.jit(fn, out_shardings=layout.sharding(P()))
         self.compiled = {}
         self.compile_s = 0.0
         self.eval_s = 0.0
 
-    def __call__(self, params, images, labels):
+    def __call__(self, params, images, labels, model_state=None):
+        """model_state: required for models that keep state (batch norm); None otherwise."""
+        if model_state is None:
+            model_state = model.eval_state(self.spec, None)
         key = images.shape
         if key not in self.compiled:
             start = time.perf_counter()
-            self.compiled[key] = self.fn.lower(params, images, labels).compile()
+            self.compiled[key] = self.fn.lower(params, images, labels, model_state).compile()
             self.compile_s += time.perf_counter() - start
         start = time.perf_counter()
-        loss, accuracy, predictions = jax.device_get(self.compiled[key](params, images, labels))
+        loss, accuracy, predictions = jax.device_get(self.compiled[key](params, images, labels, model_state))
         self.eval_s += time.perf_counter() - start
         return np.asarray(loss), np.asarray(accuracy), np.asarray(predictions)
 
-    def splits(self, params, device: dict, names) -> dict:
+    def splits(self, params, device: dict, names, model_state=None) -> dict:
         """{"<split>_loss", "<split>_accuracy", "<split>_predictions"} for each named split."""
         results = {}
         for name in names:
             images, labels = device[name]
             if images.shape[0] == 0:
                 continue
-            loss, accuracy, predictions = self(params, images, labels)
+            loss, accuracy, predictions = self(params, images, labels, model_state)
             label = "train" if name == "train_subset" else name
             results[f"{label}_loss"], results[f"{label}_accuracy"], results[f"{label}_predictions"] = loss, accuracy, predictions
         return results
@@ -670,7 +683,7 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
         # Metrics before checkpoints: a run killed between the two resumes from the previous
         # checkpoint and drops the newer records, rather than missing this step's forever.
         if step % plan.eval_every == 0 or step == plan.total_steps:
-            results = evaluator.splits(state.params, device, ("train_subset", "validation"))
+            results = evaluator.splits(state.params, device, ("train_subset", "validation"), state.model_state)
             record = metrics_record(plan, state, step, loss_sum / max(loss_steps, 1), results,
                                     steps_done * plan.batch_size * plan.config.num_models / max(train_s, 1e-9))
             if auditing:

@@ -28,7 +28,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "train", config_lib.MODES, "What to run.")
 flags.DEFINE_string("workdir", "", "Output directory (default: a fresh timestamped folder under runs/). "
                     "Re-running train with the same workdir resumes from its last checkpoint.")
-flags.DEFINE_bool("overwrite", False, "Replace a run with a different config in --workdir.")
+flags.DEFINE_bool("overwrite", False, "Start afresh in --workdir: first remove every digits output there (the "
+                  "old run's files, its checkpoints and what other modes wrote; other files stay).")
 flags.DEFINE_bool("tensorboard", False, "Also write TensorBoard event files (tensorboardX) to <workdir>/tensorboard.")
 flags.DEFINE_string("images", "", "For --mode=predict: image files and/or folders, comma-separated.")
 flags.DEFINE_bool("save_preprocessed", False, "For --mode=predict: write the 28x28 inputs as PNG.")
@@ -36,7 +37,12 @@ flags.DEFINE_list("results_flagfiles", [], "For --mode=results: the experiment f
                   "(default: every training flagfile in experiments/).")
 flags.DEFINE_integer("results_seeds", 5, "For --mode=results: seeds per experiment (trained at once with vmap).",
                      lower_bound=1)
-flags.DEFINE_string("results_dir", "docs", "For --mode=results: where results.md and results.json go.")
+flags.DEFINE_string("results_dir", "docs", "For --mode=results: where results.md and results.json go. Only docs "
+                    "(the repository's) also rewrites the README table and the flagfiles' Result lines.")
+flags.DEFINE_string("model", "0", "For --mode=eval, predict and gradcheck of a run of several models (--num_seeds, "
+                    "--sweep_learning_rates): the index of the model to use, in the order of summary.json's models.")
+flags.DEFINE_enum("gradcheck_at", "latest", ["latest", "init"], "For --mode=gradcheck with the --workdir of a "
+                  "training run: check its model at its latest checkpoint or as it was initialised.")
 flags.DEFINE_integer("port", 8000, "For --mode=serve: the TCP port of the drawing page (0: any free port).",
                      lower_bound=0, upper_bound=65535)
 flags.DEFINE_string("host", "127.0.0.1", "For --mode=serve: the address to listen on (another than 127.0.0.1 "
@@ -52,6 +58,19 @@ flags.DEFINE_integer("cpu_devices", 0, "Make the CPU platform expose this many d
 
 class FlagError(ValueError):
     """A bad flag value: one line on stderr, exit status 2."""
+
+
+# Flags that only some modes read: given to another mode they are refused, never ignored.
+MODE_FLAGS = {"overwrite": ("train",), "tensorboard": ("train",), "images": ("predict",),
+              "save_preprocessed": ("predict",), "model": ("eval", "predict", "gradcheck"),
+              "gradcheck_at": ("gradcheck",), "results_flagfiles": ("results",), "results_seeds": ("results",),
+              "results_dir": ("results",), "port": ("serve",), "host": ("serve",)}
+MODE_FLAG_PREFIXES = {"bench_": ("benchmark",), "gradcheck_": ("gradcheck",)}  # Config fields of one mode
+
+
+def expand(path: str) -> str:
+    """A path as a shell user means it: `~` and `$VARS` expanded."""
+    return os.path.expandvars(os.path.expanduser(path)) if path else path
 
 
 def define_config_flags(flag_values: flags.FlagValues) -> None:
@@ -79,7 +98,8 @@ define_config_flags(FLAGS)
 
 def config_from(flag_values: flags.FlagValues) -> config_lib.Config:
     """Freezes parsed flags into a Config; its own validation turns bad values into FlagError."""
-    values = {f.name: flag_values[f.name].value for f in config_lib.fields()}
+    values = {f.name: expand(flag_values[f.name].value) if f.metadata["path"] else flag_values[f.name].value
+              for f in config_lib.fields()}
     try:
         return config_lib.Config(**values)
     except ValueError as e:
@@ -106,9 +126,39 @@ def config_from_flagfile(path: str) -> config_lib.Config:
     return config_from(flag_values)
 
 
+def given_values(flag_values: flags.FlagValues = FLAGS) -> dict:
+    """The Config values the command line (or its flagfiles) gave, each parsed on its own: to apply
+    to another config (a run's, a flagfile's), which then validates the combination."""
+    values = {}
+    for f in config_lib.fields():
+        if flag_values[f.name].present:
+            value = flag_values[f.name].value
+            try:
+                value = f.metadata["parse"](value) if config_lib.is_tuple(f) else value
+            except ValueError as e:
+                raise FlagError(f"--{f.name}: {e}") from None
+            values[f.name] = expand(value) if f.metadata["path"] else value
+    return values
+
+
+def check_mode_flags(mode: str) -> None:
+    """Flags of other modes are refused, never ignored."""
+    for name in [*MODE_FLAGS, *(f.name for f in config_lib.fields())]:
+        modes = MODE_FLAGS.get(name) or next((m for p, m in MODE_FLAG_PREFIXES.items() if name.startswith(p)), None)
+        if modes and mode not in modes and name in FLAGS and FLAGS[name].present:
+            raise FlagError(f"--{name} is for --mode={' or '.join(modes)}, not --mode={mode}")
+
+
+def model_index() -> int:
+    text = FLAGS.model.strip()
+    if not text.isdigit():  # (an ensemble of the run's models is another choice to come)
+        raise FlagError(f"--model must be the index of one of the run's models (0, 1, ...), got {FLAGS.model!r}")
+    return int(text)
+
+
 def workdir_from_flags(mode: str) -> pathlib.Path:
     if FLAGS.workdir:
-        return pathlib.Path(FLAGS.workdir)
+        return pathlib.Path(expand(FLAGS.workdir))
     if mode in ("eval", "predict", "serve"):
         raise FlagError(f"--mode={mode} needs --workdir pointing at a training run")
     return pathlib.Path("runs") / f"{mode}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -116,7 +166,7 @@ def workdir_from_flags(mode: str) -> pathlib.Path:
 
 def results_flagfiles() -> list[pathlib.Path]:
     if FLAGS.results_flagfiles:
-        return [pathlib.Path(p) for p in FLAGS.results_flagfiles]
+        return [pathlib.Path(expand(p)) for p in FLAGS.results_flagfiles]
     root = pathlib.Path(__file__).resolve().parent / "experiments"
     return sorted(p for p in root.glob("*.cfg") if "--mode=train" in p.read_text())
 
@@ -124,20 +174,30 @@ def results_flagfiles() -> list[pathlib.Path]:
 def run(mode: str) -> int:
     from digits import experiment
 
+    check_mode_flags(mode)
     if mode == "results":
-        entries = [(p, config_from_flagfile(str(p))) for p in results_flagfiles()]
-        overrides = {name: FLAGS[name].value for name in ("cache_dir", "data_source", "tfds_data_dir", "idx_dir")
-                     if FLAGS[name].present}
-        entries = [(p, dataclasses.replace(c, **overrides)) for p, c in entries]
-        results_dir = pathlib.Path(FLAGS.results_dir)
+        # Every flag given applies to every flagfile; those that change what is trained mark the
+        # results as not the flagfiles' own (and keep them out of the published docs/).
+        overrides = given_values()
+        if "num_seeds" in overrides:
+            raise FlagError("--num_seeds: --mode=results trains --results_seeds seeds of every experiment")
+        entries = []
+        for path in results_flagfiles():
+            try:
+                entries.append((path, dataclasses.replace(config_from_flagfile(str(path)), **overrides)))
+            except ValueError as e:
+                raise FlagError(f"{path} with the flags given: {as_flags(str(e))}") from None
+        fingerprinted = {f.name for f in config_lib.fields() if f.metadata["fingerprint"]}
+        results_dir = pathlib.Path(expand(FLAGS.results_dir))
         root = pathlib.Path(__file__).resolve().parent
         readme = root / "README.md" if results_dir.resolve() == root / "docs" else None  # the published table
-        experiment.run_results(entries, FLAGS.results_seeds, results_dir, pathlib.Path(FLAGS.workdir or "runs/results"),
-                               readme)
+        experiment.run_results(entries, FLAGS.results_seeds, results_dir,
+                               pathlib.Path(expand(FLAGS.workdir) or "runs/results"), readme,
+                               {k: v for k, v in overrides.items() if k in fingerprinted})
         return 0
     workdir = workdir_from_flags(mode)
     if mode == "eval":
-        experiment.run_eval(workdir)
+        experiment.run_eval(workdir, given_values(), model_index())
         return 0
     if mode == "serve":
         from digits import serve
@@ -147,13 +207,17 @@ def run(mode: str) -> int:
     if mode == "predict":
         if not FLAGS.images:
             raise FlagError("--mode=predict needs --images=a.png,b.jpg or a folder")
-        _, failures = experiment.run_predict(workdir, FLAGS.images, FLAGS.save_preprocessed)
+        images = ",".join(expand(item.strip()) for item in FLAGS.images.split(","))
+        _, failures = experiment.run_predict(workdir, images, FLAGS.save_preprocessed, given_values(), model_index())
         return 1 if failures else 0
+    if mode == "gradcheck" and experiment.is_training_run(workdir):  # that run's model, not the flags' one
+        checked = experiment.run_gradcheck_of_run(workdir, given_values(), model_index(), FLAGS.gradcheck_at == "init")
+        return 0 if checked["passed"] else 1
     config = config_from(FLAGS)
     if mode == "train":
         experiment.run_train(config, workdir, overwrite=FLAGS.overwrite, tensorboard=FLAGS.tensorboard)
     elif mode == "gradcheck":
-        return 0 if experiment.run_gradcheck(config, workdir)["passed"] else 1
+        return 0 if experiment.run_gradcheck(config, workdir, model_index())["passed"] else 1
     else:
         experiment.run_benchmark(config, workdir)
     return 0
@@ -186,16 +250,17 @@ def start_processes() -> None:
 
 def main(argv) -> int:
     python_logging.getLogger("jax._src.xla_bridge").setLevel(python_logging.WARNING)  # no libtpu noise
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from digits import experiment
 
     try:
         start_processes()
         return run(FLAGS.mode)
-    except (FlagError, experiment.UsageError) as e:
+    except (FlagError, experiment.ConfigError) as e:  # a flag, or a flag that does not fit the data/devices/workdir
+        print(f"error: {as_flags(str(e))}", file=sys.stderr)
+        return 2
+    except experiment.UsageError as e:  # it failed: divergence, a corrupt file, no readable image
         print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, FlagError) else 1
+        return 1
     except OSError as e:  # unwritable workdir, full disk, ...: say which file, no traceback
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
@@ -207,12 +272,73 @@ def main(argv) -> int:
         return 130
 
 
-def parse_flags(argv):
-    """absl's parser, but a bad flag is one line on stderr and exit status 2 (no banner, no traceback)."""
+def _flag_in(args: list[str], i: int) -> tuple[str | None, str | None, int]:
+    """(name, value text, args used) of the flag at args[i]; (None, None, 1) for anything else.
+    Booleans read --x / --nox as "true" / "false"."""
+    arg = args[i]
+    if not arg.startswith("-") or arg in ("-", "--"):
+        return None, None, 1
+    name, eq, text = arg.lstrip("-").partition("=")
+    if name == "flagfile":  # not a flag absl lists
+        return (name, text, 1) if eq else ((name, args[i + 1], 2) if i + 1 < len(args) else (None, None, 1))
+    if name not in FLAGS and name.startswith("no") and name[2:] in FLAGS and FLAGS[name[2:]].boolean and not eq:
+        return name[2:], "false", 1
+    if name not in FLAGS:
+        return None, None, 1
+    if not eq:
+        if FLAGS[name].boolean:
+            return name, "true", 1
+        return (name, args[i + 1], 2) if i + 1 < len(args) else (None, None, 1)
+    return name, text, 1
+
+
+def _same_value(name: str, a: str, b: str) -> bool:
     try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        return FLAGS[name].parser.parse(a) == FLAGS[name].parser.parse(b)
+    except (ValueError, TypeError):
+        return a == b
+
+
+def check_flagfile_order(args: list[str]) -> None:
+    """A flag given before a --flagfile that sets it again would lose to the flagfile's value:
+    refused (put it after the flagfile to override it)."""
+    given, i = {}, 0
+    while i < len(args):
+        name, text, used = _flag_in(args, i)
+        if name == "flagfile":
+            inner = FLAGS.read_flags_from_files([f"--flagfile={text}"], force_gnu=True)
+            j = 0
+            while j < len(inner):
+                other, other_text, other_used = _flag_in(inner, j)
+                if other in given and not _same_value(other, given[other], other_text):
+                    raise FlagError(f"--{other}={given[other]} comes before --flagfile={text}, which sets "
+                                    f"--{other}={other_text}: the flagfile would win; put --{other} after the "
+                                    "--flagfile to override it")
+                j += other_used
+        elif name is not None:
+            given[name] = text
+        i += used
+
+
+def _flagfile_paths_expanded(argv: list[str]) -> list[str]:
+    return [f"--flagfile={expand(a.split('=', 1)[1])}" if a.startswith(("--flagfile=", "-flagfile=")) else a
+            for a in argv]
+
+
+def parse_flags(argv):
+    """absl's parser, but a bad flag is one line on stderr and exit status 2 (no banner, no
+    traceback): an unknown flag, a stray argument, a flag a later --flagfile would override."""
+    argv = _flagfile_paths_expanded(list(argv))
+    try:
+        rest = FLAGS(argv)
+        if len(rest) > 1:
+            raise FlagError(f"unexpected argument {rest[1]!r}: flags are --name=value, and a list is one argument "
+                            "without spaces (--images=a.png,b.png)")
+        check_flagfile_order(argv[1:])
+        return rest
+    except (flags.Error, FlagError) as e:
+        message = re.sub(r"^ERROR::\s*", "", " ".join(str(e).split()))
+        print(f"error: {message.replace('Unable to open flagfile: ', 'cannot open a --flagfile: ')}", file=sys.stderr)
         sys.exit(2)
 
 

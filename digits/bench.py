@@ -79,6 +79,7 @@ ROW_KEYS = (
 )
 
 Progress = Callable[[int, int, dict], None]
+OUTPUT_FILES = ("benchmark.csv", "benchmark.json", "benchmark.png")  # what write_outputs writes in a workdir
 
 
 def _check(ok: bool, message: str) -> None:
@@ -143,9 +144,26 @@ def num_rows(config: Config) -> int:
     return len(groups(config)) * len(config.bench_grads)
 
 
+def check_networks(config: Config, dataset: data.Dataset) -> None:
+    """A list of layer sizes in which the input width follows the class count again
+    (784,30,10,784,10,10) is several networks joined by commas, not one: a ValueError saying so."""
+    pixels, classes = math.prod(dataset.image_shape), dataset.num_classes
+    for network in config.bench_layer_sizes:
+        tokens = network.split(",")
+        if not all(t.strip().isdigit() for t in tokens):
+            continue
+        sizes = [int(t) for t in tokens]
+        cuts = [i for i in range(2, len(sizes) - 1) if sizes[i] == pixels and sizes[i - 1] == classes]
+        if cuts:
+            parts = [",".join(map(str, sizes[a:b])) for a, b in zip([0] + cuts, cuts + [len(sizes)])]
+            raise ValueError(f"bench_layer_sizes: {network} looks like {len(parts)} networks joined by commas; "
+                             f"separate networks with ';': --bench_layer_sizes='{';'.join(parts)}'")
+
+
 def plans(config: Config, dataset: data.Dataset) -> list[train.Plan]:
     """One plan per group (checked against the data and the devices before any timing);
     ValueError if one does not fit."""
+    check_networks(config, dataset)
     devices = jax.devices(config.bench_platform) if config.bench_platform else None
     return [train.Plan.create(row_config(config, g, "manual", len(dataset.train)), dataset, devices)
             for g in groups(config)]
@@ -386,8 +404,9 @@ def _fmt_time(seconds) -> str:
     return f"{seconds / 1e-9:.3g} ns"
 
 
-TABLE_COLUMNS = (  # (header, width, format)
-    ("network", 16, lambda r: str(r["network"])[:16]),
+NETWORK_WIDTH = 24  # longer network names are numbered in the table, with a legend below it
+
+TABLE_COLUMNS = (  # (header, width, format); the network column is sized to its names
     ("batch", 7, lambda r: str(r["batch_size"])),
     ("grad", 8, lambda r: str(r["grad"])),
     ("steps", 9, lambda r: f"{r['steps_per_call']}/{r['steps_per_call_requested']}"),
@@ -409,11 +428,22 @@ TABLE_COLUMNS = (  # (header, width, format)
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width text table of the main columns; `steps` is used/requested per call."""
-    header = "  ".join(h.rjust(w) for h, w, _ in TABLE_COLUMNS)
+    """A fixed-width text table of the main columns; `steps` is used/requested per call.
+
+    Network names are never cut: up to NETWORK_WIDTH characters they fill their column, and if
+    any is longer the networks are numbered (#1, #2, ...) with a legend of their full names.
+    """
+    networks = list(dict.fromkeys(str(r["network"]) for r in rows))
+    numbered = any(len(n) > NETWORK_WIDTH for n in networks)
+    names = {n: f"#{i + 1}" if numbered else n for i, n in enumerate(networks)}
+    width = max([len("network")] + [len(v) for v in names.values()])
+    columns = (("network", width, lambda r: names[str(r["network"])]),) + TABLE_COLUMNS
+    header = "  ".join(h.rjust(w) for h, w, _ in columns)
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append("  ".join(f(row).rjust(w) for _, w, f in TABLE_COLUMNS))
+        lines.append("  ".join(f(row).rjust(w) for _, w, f in columns))
+    if numbered:
+        lines += ["networks:"] + [f"  {names[n]} = {n}" for n in networks]
     if rows:
         lines.append(f"device: {rows[0]['device_kind']} ({rows[0]['platform']}; CPU {report.cpu_model()}), "
                      f"jax {rows[0]['jax_version']}; FLOPs, bytes and temp memory: one step's compiled value_and_grad")
@@ -424,7 +454,7 @@ def write_outputs(rows: list[dict], workdir, config: Config | None = None) -> di
     """Writes benchmark.csv, benchmark.json ({"rows", "environment"[, "bench"]}) and benchmark.png."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    paths = {name: workdir / f"benchmark.{name}" for name in ("csv", "json", "png")}
+    paths = {pathlib.Path(name).suffix[1:]: workdir / name for name in OUTPUT_FILES}
 
     fields = list(ROW_KEYS) + [k for r in rows for k in r if k not in ROW_KEYS]
     fields = list(dict.fromkeys(fields))

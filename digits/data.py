@@ -36,6 +36,11 @@ class DataError(ValueError):
     """A dataset is missing, malformed or unsafe; the message is one line."""
 
 
+class DataNotFound(DataError):
+    """The data a setting names is not there (a directory, file or prepared dataset that does not
+    exist, a split larger than the data): the setting is wrong, not the data."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """images: uint8 (N, H, W); labels: int32 (N,)."""
@@ -96,17 +101,17 @@ def load(
     if source == "auto":
         source = "tfds" if tfds_is_prepared(name, tfds_data_dir) else "packaged"
         if source == "packaged" and name != "mnist":
-            raise DataError(
+            raise DataNotFound(
                 f"{name!r} is not prepared in {tfds_data_dir} and only MNIST is packaged; "
                 "pass --tfds_download to let TFDS download it, or --tfds_data_dir"
             )
     if source == "packaged":
         if name != "mnist":
-            raise DataError(f"the packaged source holds MNIST only, not {name!r}")
+            raise DataNotFound(f"the packaged source holds MNIST only, not {name!r}")
         return load_packaged(cache_dir)
     if source == "idx":
         if not idx_dir:
-            raise DataError("the idx source needs a directory: pass --idx_dir")
+            raise DataNotFound("the idx source needs a directory: pass --idx_dir")
         return load_idx(idx_dir, name=name)
     return load_tfds(name, tfds_data_dir, download=tfds_download)
 
@@ -115,7 +120,7 @@ def split_validation(dataset: Dataset, validation_size: int) -> Dataset:
     """Holds out the last `validation_size` training images as the validation split."""
     n = len(dataset.train)
     if not 0 <= validation_size < n:
-        raise DataError(f"validation_size={validation_size} must be in [0, {n}) for {dataset.name}")
+        raise DataNotFound(f"validation_size={validation_size} must be in [0, {n}) for {dataset.name}")
     cut = n - validation_size
     train = Split(dataset.train.images[:cut], dataset.train.labels[:cut])
     validation = Split(dataset.train.images[cut:], dataset.train.labels[cut:])
@@ -269,7 +274,7 @@ def _find_idx_file(directory: pathlib.Path, stem: str) -> pathlib.Path:
     for candidate in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
         if (directory / candidate).is_file():
             return directory / candidate
-    raise DataError(f"{directory}: missing IDX file {stem} (or {stem}.gz)")
+    raise DataNotFound(f"{directory}: missing IDX file {stem} (or {stem}.gz)")
 
 
 def _load_idx_split(directory: pathlib.Path, images_stem: str, labels_stem: str) -> Split:
@@ -290,7 +295,7 @@ def load_idx(directory: str | os.PathLike, name: str = "mnist") -> Dataset:
     """The four standard IDX files (gzipped or not) in `directory`."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
-        raise DataError(f"IDX directory {directory} does not exist")
+        raise DataNotFound(f"IDX directory {directory} does not exist")
     train = _load_idx_split(directory, IDX_FILES["train_images"], IDX_FILES["train_labels"])
     test = _load_idx_split(directory, IDX_FILES["test_images"], IDX_FILES["test_labels"])
     if train.images.shape[1:] != test.images.shape[1:]:
@@ -354,12 +359,16 @@ def load_tfds(name: str, data_dir: str | os.PathLike, download: bool = False) ->
             with _quiet_absl():
                 source = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=download)
         except Exception as e:  # TFDS raises several types for a missing dataset; all mean the same here
-            reason = " ".join(str(e).split())[:200] or type(e).__name__
-            if not download:
-                raise DataError(
-                    f"TFDS dataset {name!r} is not usable from {data_dir} ({reason}); pass --tfds_download to let "
-                    "TFDS download and prepare it (needs network), or point --tfds_data_dir at a prepared copy"
-                ) from None
-            raise DataError(f"TFDS could not provide {name!r}: {reason}") from None
+            reason = " ".join(str(e).split()) or type(e).__name__
+            if download:
+                raise DataError(f"TFDS could not provide {name!r}: {reason}") from None
+            if not tfds_is_prepared(name, data_dir):  # TFDS's own reason (a file format) would mislead
+                where = "does not exist" if not pathlib.Path(data_dir).is_dir() else f"holds no prepared {name!r}"
+                raise DataNotFound(
+                    f"the TFDS data directory {data_dir} {where}; point --tfds_data_dir at one where {name!r} is "
+                    "prepared, pass --tfds_download to let TFDS download it (needs network)"
+                    + (", or use --data_source=packaged (the MNIST shipped with digits, offline)" if name == "mnist"
+                       else "")) from None
+            raise DataError(f"TFDS dataset {name!r} in {data_dir} is not usable: {reason}") from None
         splits[split] = _tfds_split(source)
     return Dataset(name, "tfds", splits["train"], splits["test"], 10)

@@ -1,15 +1,19 @@
 """The application layer: runs one mode of `run_experiment.py` from a frozen Config.
 
 Unlike the rest of the library this module talks to a person (printed lines, a progress bar,
-tables) and owns the work directory: config.json, metrics, checkpoints, plots and summaries.
-The training loop itself is `train.fit`; this module plugs its hooks in. It never reads flags.
+tables) and owns the work directory. Every mode writes files of its own names (`OUTPUTS`) and
+never another's: training owns config.json, metrics, summary, plots and checkpoints; gradcheck,
+eval, predict and benchmark write beside them. The training loop itself is `train.fit`; this
+module plugs its hooks in. It never reads flags.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
+import math
 import pathlib
 import shutil
 import signal
@@ -22,17 +26,37 @@ import numpy as np
 from absl import logging
 
 from digits import bench, checkpoint, data, files, gradcheck, model, parallel, predict, report, results, train
+from digits import config as config_lib
 from digits.config import Config
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
-OUTPUT_FILES = (METRICS_FILE, SUMMARY_FILE, "learning_curves.png", "confusion_matrix.png", "misclassified.png", "tensorboard")
+GRADCHECK_FILE = "gradcheck.json"
+EVAL_FILE = "eval.json"
+EVAL_CONFUSION_FILE = "eval_confusion_matrix.png"
+PREDICTIONS_FILE = "predictions.json"
+PREPROCESSED_DIR = "preprocessed"
+# What each mode writes in a workdir. No mode writes another's names; --overwrite removes these
+# (and nothing else) before a new training run starts.
+OUTPUTS = {
+    "train": (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "learning_curves.png", "confusion_matrix.png",
+              "misclassified.png", "tensorboard", CHECKPOINT_DIR),
+    "gradcheck": (GRADCHECK_FILE,),
+    "eval": (EVAL_FILE, EVAL_CONFUSION_FILE),
+    "predict": (PREDICTIONS_FILE, PREPROCESSED_DIR),
+    "benchmark": bench.OUTPUT_FILES,
+}
 
 
 class UsageError(Exception):
-    """A problem the user can fix; the CLI prints its one-line message and exits non-zero."""
+    """A problem the user can fix; the CLI prints its one-line message and exits 1."""
+
+
+class ConfigError(UsageError):
+    """A setting that does not fit: the data, the devices or the work directory (a different run
+    there, a run longer than asked, no checkpoint for eval). The CLI exits 2, as for a bad flag."""
 
 
 class TrainingDiverged(UsageError):
@@ -51,40 +75,81 @@ def precision(config: Config):
 # --- the work directory ---------------------------------------------------------------------------
 
 
+def _sync(name: str) -> None:
+    """In a multi-process run, every process waits here for the others (process 0 writes)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _is_output(name: str) -> bool:
+    """A file or folder some mode writes, or a temporary file of one (`files.atomic_open`)."""
+    names = {n for mode in OUTPUTS.values() for n in mode}
+    return name in names or any(name.startswith(f".{n}.") and name.endswith(".tmp") for n in names)
+
+
+def outputs_in(workdir: pathlib.Path) -> tuple[list[str], list[str]]:
+    """(digits outputs, other entries) of a workdir, sorted by name."""
+    entries = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else []
+    return [n for n in entries if _is_output(n)], [n for n in entries if not _is_output(n)]
+
+
+def _listing(names: list[str], workdir: pathlib.Path) -> str:
+    return ", ".join(n + ("/" if (workdir / n).is_dir() else "") for n in names)
+
+
+def remove_outputs(workdir: pathlib.Path) -> list[str]:
+    """Deletes every digits output in `workdir` (of every mode) and nothing else; returns their names."""
+    removed, _ = outputs_in(workdir)
+    for name in removed:
+        path = workdir / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    return removed
+
+
 def read_workdir_config(workdir: pathlib.Path) -> Config:
+    """The config of the training run in `workdir` (its config.json)."""
     path = workdir / CONFIG_FILE
+    if not workdir.exists():
+        raise ConfigError(f"--workdir {workdir} does not exist")
+    if not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is not a directory")
     try:
         return Config.from_dict(json.loads(path.read_text())["config"])
     except FileNotFoundError:
-        raise UsageError(f"{workdir} holds no training run ({CONFIG_FILE} missing); train there first") from None
+        raise ConfigError(f"{workdir} holds no training run (no {CONFIG_FILE}); pass the --workdir of one") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path} is unreadable ({' '.join(str(e).split())}); pass another --workdir") from None
 
 
-def prepare_workdir(workdir: pathlib.Path, config: Config, overwrite: bool, extra: dict) -> None:
-    """Creates the workdir, or checks that an existing one holds this config (to resume it)."""
-    config_path = workdir / CONFIG_FILE
-    if config_path.exists():
-        old_values = json.loads(read_workdir_config(workdir).training_fingerprint())
-        new_values = json.loads(config.training_fingerprint())
-        if old_values != new_values:
-            if not overwrite:
-                differs = sorted(k for k, v in new_values.items() if old_values.get(k) != v)
-                raise UsageError(
-                    f"{workdir} holds a run with a different config ({', '.join(differs)} differ); "
-                    "pass --overwrite to replace it or choose another --workdir"
-                )
-            if parallel.is_primary():
-                for name in OUTPUT_FILES + (CHECKPOINT_DIR,):
-                    path = workdir / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+def is_training_run(workdir: pathlib.Path) -> bool:
+    return (workdir / CONFIG_FILE).is_file()
+
+
+def run_config(workdir: pathlib.Path, given: dict | None = None) -> Config:
+    """The config of the run in `workdir`, for the modes that use a trained model (eval, predict,
+    gradcheck): `given` values that only say where and how (data locations, devices, gradient-
+    check sizes: the fields outside the fingerprint) apply; one that would describe another
+    model or training is a ConfigError, never silently ignored."""
+    config = read_workdir_config(workdir)
+    changed = {k: v for k, v in (given or {}).items() if getattr(config, k) != v}
+    fingerprinted = {f.name for f in config_lib.fields() if f.metadata["fingerprint"]}
+    fixed = sorted(k for k in changed if k in fingerprinted)
+    if fixed:
+        shown = ", ".join(f"{k}={config_lib.format_value(changed[k])} (the run's: "
+                          f"{config_lib.format_value(getattr(config, k))})" for k in fixed)
+        raise ConfigError(f"{workdir} was trained with other values: {shown}; this mode uses the run's own "
+                          "config: drop those flags or pass the --workdir of another run")
+    return dataclasses.replace(config, **changed)
+
+
+def prepare_workdir(workdir: pathlib.Path, config: Config, extra: dict) -> None:
+    """Creates the workdir and writes this run's config.json (checked by `_existing_run` first)."""
     if parallel.is_primary():  # in a multi-process run, process 0 writes; every process checks
         workdir.mkdir(parents=True, exist_ok=True)
-        report.write_json(config_path, {"config": config.to_dict(), **report.environment(), **extra})
-    if jax.process_count() > 1:  # nobody looks for checkpoints while process 0 may be deleting them
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("workdir prepared")
+        report.write_json(workdir / CONFIG_FILE, {"config": config.to_dict(), **report.environment(), **extra})
+    _sync("workdir prepared")  # nobody looks for checkpoints while process 0 may be writing
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -98,11 +163,13 @@ def load_dataset(config: Config) -> data.Dataset:
             tfds_data_dir=config.tfds_data_dir or None, tfds_download=config.tfds_download,
         )
         dataset = data.split_validation(dataset, config.validation_size)
-    except data.DataError as e:
+    except data.DataNotFound as e:  # a setting names data that is not there
+        raise ConfigError(str(e)) from None
+    except data.DataError as e:  # the data is there but broken
         raise UsageError(str(e)) from None
     if config.train_examples:
         if config.train_examples > len(dataset.train):
-            raise UsageError(f"train_examples={config.train_examples} exceeds the {len(dataset.train)} training images")
+            raise ConfigError(f"train_examples={config.train_examples} exceeds the {len(dataset.train)} training images")
         n = config.train_examples
         dataset = dataclasses.replace(dataset, train=data.Split(dataset.train.images[:n], dataset.train.labels[:n]))
     return dataset
@@ -110,11 +177,24 @@ def load_dataset(config: Config) -> data.Dataset:
 
 def make_plan(config: Config, dataset: data.Dataset) -> train.Plan:
     """train.Plan.create, with a config that does not fit the data or the devices as a one-line
-    UsageError."""
+    ConfigError. `--grad=both` without `--audit_every` audits at every evaluation."""
     try:
-        return train.Plan.create(config, dataset)
+        plan = train.Plan.create(config, dataset)
+        if config.grad == "both" and not config.audit_every:
+            plan = train.Plan.create(dataclasses.replace(config, audit_every=plan.eval_every), dataset)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise ConfigError(str(e)) from None
+    check_classes(plan.spec, config, dataset)
+    return plan
+
+
+def check_classes(spec: model.ModelSpec, config: Config, dataset: data.Dataset) -> None:
+    """The output has one unit per class: a wider one would learn classes that never occur."""
+    if spec.num_classes != dataset.num_classes:
+        given = (f"layers={config.layers}" if config.layers
+                 else f"layer_sizes={config_lib.format_value(config.layer_sizes)}")
+        raise ConfigError(f"{given} has {spec.num_classes} outputs but {dataset.name} has {dataset.num_classes} "
+                          f"classes: the last layer must have {dataset.num_classes} units")
 
 
 # --- progress -----------------------------------------------------------------------------------
@@ -196,19 +276,47 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
             f.write("".join(json.dumps(r) + "\n" for r in kept))
 
 
+# What each part of a run (one command that trained it) records of its time; a run's timings
+# are their sums, so they add up across resumes.
+PART_TIMINGS = ("compile_s", "eval_compile_s", "train_s", "eval_s", "steps_timed", "total_s")
+
+
+def _fold_audits(audits: list[dict]) -> dict:
+    """The manual-vs-jax.grad audit of several parts as one: checks add up, worst errors stay."""
+    worst = {k: max(a.get(k, 0.0) for a in audits) for k in ("max_violation", "max_relative_error", "max_abs_error")}
+    return {"count": sum(a.get("count", 0) for a in audits), **worst, "passed": all(a.get("passed", True) for a in audits)}
+
+
+def _total_timings(parts: list[dict], plan: train.Plan) -> dict:
+    sums = {k: sum(p.get(k) or 0 for p in parts) for k in PART_TIMINGS}
+    per_step = sums["train_s"] / sums["steps_timed"] if sums["steps_timed"] else None
+    return {**sums, "seconds_per_step": per_step,
+            "seconds_per_epoch": per_step * plan.steps_per_epoch if per_step else None,
+            "examples_per_s": plan.batch_size * plan.config.num_models / per_step if per_step else None}
+
+
 class _WorkdirHooks(train.Hooks):
-    """What a command-line run does between chunks: checkpoints, Ctrl-C, metrics, progress."""
+    """What a command-line run does between chunks: checkpoints (with the run's record so far:
+    the gradient check at init and the parts before this one), Ctrl-C, metrics, progress."""
 
     def __init__(self, plan: train.Plan, workdir: pathlib.Path, step: int, last_checkpoint, stop: dict,
-                 metrics: report.MetricsWriter, tensorboard: bool):
+                 metrics: report.MetricsWriter, tensorboard: bool, record: dict):
         self.plan, self.ckpt_dir, self.stop = plan, workdir / CHECKPOINT_DIR, stop
         self.last_checkpoint, self.metrics = last_checkpoint, metrics
         self.progress = Progress(plan.total_steps, step)
         self.tb = report.TensorBoardWriter(workdir / "tensorboard") if tensorboard and metrics else None
-        self.fingerprint = {"fingerprint": plan.config.training_fingerprint()}
+        self.record, self.start_step, self.started, self.audit = record, step, time.perf_counter(), None
+
+    def part(self, step: int) -> dict:
+        """This command's part of the run up to `step` (its exact timings come with the summary)."""
+        part = {"start_step": self.start_step, "end_step": step, "total_steps": self.plan.total_steps,
+                "date": datetime.date.today().isoformat(), "total_s": time.perf_counter() - self.started,
+                "interrupted": True}
+        return part if self.audit is None else {**part, "grad_audit": self.audit}
 
     def save(self, step: int, state) -> None:
-        checkpoint.save(self.ckpt_dir, step, state, self.fingerprint, self.plan.config.keep_checkpoints)
+        metadata = {**self.record, "parts": self.record["parts"] + [self.part(step)]}
+        checkpoint.save(self.ckpt_dir, step, state, metadata, self.plan.config.keep_checkpoints)
         self.last_checkpoint = step
 
     def stop_requested(self) -> bool:
@@ -231,11 +339,15 @@ class _WorkdirHooks(train.Hooks):
                               "re-run the same command to resume")
 
     def after_eval(self, step, state, record):
+        # A split that does not exist (--validation_size=0) has no metrics, rather than NaN ones.
+        record = {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))}
+        audit = {k[len("grad_audit_"):]: v for k, v in record.items() if k.startswith("grad_audit_")}
+        self.audit = audit or None
         if self.metrics:
             self.metrics.write(record)
         if self.tb:
             self.tb.scalars(step, record)
-        self.progress.update(step, {"loss": record["loss"], "val_acc": record["validation_accuracy"]})
+        self.progress.update(step, {"loss": record["loss"], "val_acc": record.get("validation_accuracy")})
 
     def model_diverged(self, lane, error):
         logging.warning("model %d: %s; the other models go on", lane, error)
@@ -262,38 +374,122 @@ def describe(plan: train.Plan, dataset: data.Dataset) -> str:
 
 
 def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False, tensorboard: bool = False) -> dict:
-    """Trains (or resumes) a run in `workdir` and writes metrics, checkpoints, plots and summary."""
+    """Trains, resumes or extends a run in `workdir` and writes metrics, checkpoints, plots and
+    summary; a finished run is reported from its files and left as it is."""
     with precision(config):
         return _train(config, workdir, overwrite, tensorboard)
+
+
+def _length(config: Config, steps: int) -> str:
+    return f"--epochs={config.epochs} ({steps} steps)" if config.epochs else f"--steps={steps}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Existing:
+    """What a workdir already holds of the run a config asks for."""
+
+    step: int | None = None  # the latest checkpoint (None: nothing to resume)
+    total: int | None = None  # the run's length before this command
+    summary: dict | None = None  # summary.json, when it is the record of `step`
+
+    def parts(self, metadata: dict) -> list[dict]:
+        """The parts of the run before this command: the summary's if it is the record of the
+        checkpoint, else those the checkpoint carries (an interrupted part has no exact timings)."""
+        if self.step is None:
+            return []
+        if self.summary is not None:
+            return self.summary.get("parts") or [{"start_step": 0, "end_step": self.step, "total_steps": self.step,
+                                                  **{k: self.summary["timings"].get(k) for k in PART_TIMINGS}}]
+        return metadata.get("parts") or [{"start_step": 0, "end_step": self.step, "unrecorded": True}]
+
+
+def _latest_checkpoint(workdir: pathlib.Path) -> int | None:
+    try:
+        return checkpoint.latest_step(workdir / CHECKPOINT_DIR)
+    except checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from None
+
+
+def _read_summary(workdir: pathlib.Path) -> dict | None:
+    try:
+        summary = json.loads((workdir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("mode") == "train" else None
+
+
+def _existing_run(workdir: pathlib.Path, config: Config, plan: train.Plan) -> _Existing:
+    """Checks that `workdir` holds this run (or none) and no more of it than asked: another
+    config there, or a run longer than `plan`, is a ConfigError."""
+    if not is_training_run(workdir):
+        return _Existing(_latest_checkpoint(workdir))
+    old = read_workdir_config(workdir)
+    old_values, new_values = json.loads(old.training_fingerprint()), json.loads(config.training_fingerprint())
+    if old_values != new_values:
+        differs = sorted(k for k in old_values.keys() | new_values.keys() if old_values.get(k) != new_values.get(k))
+        why = (f"; schedule={config.schedule} depends on the run's length, so it cannot change"
+               if set(differs) <= {"epochs", "steps"} else "")
+        outputs, others = outputs_in(workdir)
+        kept = f" and keeps {_listing(others, workdir)}" if others else ""
+        raise ConfigError(f"{workdir} holds a run with a different config ({', '.join(differs)} differ{why}); pass "
+                          f"--overwrite to start afresh there (it removes {_listing(outputs, workdir)}{kept}) or "
+                          "choose another --workdir")
+    step, total = _latest_checkpoint(workdir), train.total_steps(old, plan.train_size)
+    if step is not None and step > plan.total_steps:
+        raise ConfigError(f"{workdir} has trained {step} steps and this config asks for "
+                          f"{_length(config, plan.total_steps)}: a run cannot be shortened; pass its own "
+                          f"{_length(old, total)} or more to extend it, or another --workdir")
+    summary = _read_summary(workdir)
+    return _Existing(step, total, summary if summary is not None and summary.get("steps") == step else None)
 
 
 def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: bool) -> dict:
     started = time.perf_counter()
     dataset = load_dataset(config)
     plan = make_plan(config, dataset)
-    prepare_workdir(workdir, config, overwrite, {"train_size": len(dataset.train), "data_source": dataset.source,
-                                                 "mesh": plan.layout.to_dict()})
+    if overwrite:
+        removed = remove_outputs(workdir) if parallel.is_primary() else []
+        if removed:
+            print(f"Removed the old run's outputs from {workdir}: {', '.join(removed)}", flush=True)
+        _sync("old outputs removed")
+    existing = _existing_run(workdir, config, plan)
+    if existing.step == plan.total_steps and existing.summary is not None:
+        print(f"{workdir} holds a finished run ({existing.step} of {plan.total_steps} steps): nothing to do, "
+              "nothing changed. A larger --epochs or --steps extends it; --overwrite starts afresh. Its results:")
+        _print_final(existing.summary, workdir)
+        return existing.summary
+    prepare_workdir(workdir, config, {"train_size": len(dataset.train), "data_source": dataset.source,
+                                      "mesh": plan.layout.to_dict()})
     ckpt_dir = workdir / CHECKPOINT_DIR
     print(describe(plan, dataset), flush=True)
 
     host_state = plan.init_state(placed=False)
-    first_params = jax.tree.map(lambda x: x[0], host_state.params) if plan.vmapped else host_state.params
-    gradient_check = initial_gradient_check(first_params, dataset, plan.spec, plan.dtype)
-    state = plan.place(host_state)
-    try:
-        restored = checkpoint.latest_step(ckpt_dir)
-        if restored is not None:
-            state, _ = checkpoint.restore(ckpt_dir, state)  # onto this run's mesh, whatever the saving run's
-            print(f"Resuming from the checkpoint at step {restored} in {ckpt_dir}", flush=True)
-    except checkpoint.CheckpointError as e:
-        raise UsageError(str(e)) from None
+    state, metadata = plan.place(host_state), {}
+    if existing.step is not None:
+        try:  # onto this run's mesh, whatever the saving run's
+            state, metadata = checkpoint.restore(ckpt_dir, state)
+        except checkpoint.CheckpointError as e:
+            raise UsageError(str(e)) from None
+    gradient_check = metadata.get("gradient_check_at_init")
+    if gradient_check is None:  # once per run: a resume reads it from the checkpoint
+        first_params = jax.tree.map(lambda x: x[0], host_state.params) if plan.vmapped else host_state.params
+        gradient_check = initial_gradient_check(first_params, dataset, plan.spec, plan.dtype)
+    else:
+        print(f"Gradient check at init: {'PASS' if gradient_check['passed'] else 'FAIL'} (checked when the run "
+              f"started, on {gradient_check['examples']} examples; not repeated on resume)\n", flush=True)
     step = train.host_step(state)
+    if existing.step is not None:
+        print(f"Resuming from the checkpoint at step {step} in {ckpt_dir}"
+              + (f"; the run's length changes from {existing.total} to {plan.total_steps} steps (a new part in "
+                 f"{SUMMARY_FILE})" if existing.total not in (None, plan.total_steps) else ""), flush=True)
     _truncate_metrics(workdir / METRICS_FILE, step)
+    record = {"fingerprint": config.training_fingerprint(), "gradient_check_at_init": gradient_check,
+              "parts": existing.parts(metadata)}
 
     device = train.device_splits(dataset, plan.layout)
     metrics_file = report.MetricsWriter(workdir / METRICS_FILE) if parallel.is_primary() else contextlib.nullcontext()
     with metrics_file as metrics, stop_requests() as stop:
-        hooks = _WorkdirHooks(plan, workdir, step, restored, stop, metrics, tensorboard)
+        hooks = _WorkdirHooks(plan, workdir, step, existing.step, stop, metrics, tensorboard, record)
         try:
             result = train.fit(plan, state, device, [hooks])
         except train.Diverged as e:
@@ -303,9 +499,15 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
         if hooks.last_checkpoint != plan.total_steps:
             hooks.save(plan.total_steps, result.state)
 
-    final = result.evaluator.splits(result.state.params, device, ("train_subset", "validation", "test"))
-    summary = _final_summary(plan, dataset, workdir, result, final, gradient_check)
-    summary["timings"] = {**result.timings(plan), "total_s": time.perf_counter() - started}
+    final = result.evaluator.splits(result.state.params, device, ("train_subset", "validation", "test"),
+                                    result.state.model_state)
+    timings = result.timings(plan)
+    part = {"start_step": step, "end_step": plan.total_steps, "total_steps": plan.total_steps,
+            "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
+            "total_s": time.perf_counter() - started}
+    if plan.config.grad == "both":
+        part["grad_audit"] = result.audit
+    summary = _final_summary(plan, dataset, workdir, result, final, gradient_check, record["parts"] + [part])
     if parallel.is_primary():
         report.write_json(workdir / SUMMARY_FILE, summary)
     _print_final(summary, workdir)
@@ -313,7 +515,7 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
 
 
 def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: train.FitResult, final: dict,
-                   gradient_check: dict) -> dict:
+                   gradient_check: dict, parts: list[dict]) -> dict:
     first = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
     cm = report.confusion_matrix(dataset.test.labels, first, plan.spec.num_classes)
     if parallel.is_primary():
@@ -335,9 +537,13 @@ def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: tra
         "final": {k: train.mean_over_models(v) for k, v in metrics.items()},
         "per_class_test_accuracy": report.per_class_accuracy(cm).tolist(),
         "gradient_check_at_init": gradient_check,
+        "parts": parts,
+        "extended": any(p.get("total_steps", steps) < steps for p in parts),
+        "timings": _total_timings(parts, plan),
     }
-    if plan.config.grad == "both" and plan.config.audit_every:
-        summary["grad_audit"] = result.audit
+    audits = [p["grad_audit"] for p in parts if "grad_audit" in p]
+    if audits:
+        summary["grad_audit"] = _fold_audits(audits)
     if plan.vmapped:
         summary["models"] = [dict(lane, diverged=bool(result.diverged[i])) for i, lane in enumerate(plan.model_lanes())]
         summary["across_models"] = {k: train.summarise(v) for k, v in metrics.items()}
@@ -345,54 +551,62 @@ def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: tra
 
 
 def _print_final(summary: dict, workdir: pathlib.Path) -> None:
-    final, timings = summary["final"], summary["timings"]
-    spread = ""
-    if "across_models" in summary:
-        test = summary["across_models"]["test_accuracy"]
-        spread = f" (over {summary['num_models']} models: mean {test['mean']:.4f} ± {test['std']:.4f}, min {test['min']:.4f}, max {test['max']:.4f})"
-    print(f"\nValidation accuracy: {final.get('validation_accuracy', float('nan')):.4f}")
-    print(f"Test accuracy:       {final['test_accuracy']:.4f}{spread}")
+    final, timings, across = summary["final"], summary["timings"], summary.get("across_models")
+    print()
+    for label, key in (("Validation accuracy", "validation_accuracy"), ("Test accuracy", "test_accuracy")):
+        name = f"{label}:".ljust(21)
+        if key not in final:
+            print(f"{name}none (no validation split: validation_size=0)")
+        elif across:
+            d = across[key]
+            diverged = sum(m["diverged"] for m in summary.get("models", []))
+            print(f"{name}{d['mean']:.4f} ± {d['std']:.4f}, mean ± std over {summary['num_models'] - diverged} models "
+                  f"(min {d['min']:.4f}, max {d['max']:.4f})" + (f"; {diverged} diverged, left out" if diverged else ""))
+        else:
+            print(f"{name}{final[key]:.4f}")
+    if "grad_audit" in summary:
+        a = summary["grad_audit"]
+        print(f"Gradient audit, manual vs jax.grad during training ({a['count']} checks): worst ratio "
+              f"{a['max_violation']:.3g} (<= 1 agrees), max relative error {a['max_relative_error']:.3g}: "
+              f"{'PASS' if a['passed'] else 'FAIL'}")
     if timings["steps_timed"]:
         pace = (f"{timings['seconds_per_step'] * 1e3:.1f} ms/step" if summary["config"]["batch_size"] == 0
                 else f"{timings['seconds_per_epoch']:.3f} s/epoch")
+        parts = len(summary.get("parts", ()))
         print(f"Trained {timings['steps_timed']} steps in {timings['train_s']:.2f} s ({pace}, "
               f"{timings['examples_per_s']:.0f} examples/s) after {timings['compile_s']:.2f} s of compilation "
-              f"on {summary['environment']['cpu']}")
+              f"on {summary['environment']['cpu']}" + (f", in {parts} parts" if parts > 1 else ""))
     print(f"Outputs in {workdir}", flush=True)
 
 
 # --- gradient check, evaluation and prediction ----------------------------------------------------
 
 
-def run_gradcheck(config: Config, workdir: pathlib.Path) -> dict:
-    """Manual vs jax.grad vs finite differences at the initial params, with a verdict."""
-    with precision(config):
-        dataset = load_dataset(config)
-        plan = make_plan(config, dataset)
-        params = model.init(jax.random.PRNGKey(config.seed), plan.spec, plan.dtype)
-        batch = gradient_batch(dataset, plan.spec, plan.dtype, config.gradcheck_examples)
-        key = jax.random.PRNGKey(config.seed + 2) if plan.spec.has_dropout else None
-        reports = gradcheck.check(params, batch, plan.spec, jax.random.PRNGKey(config.seed + 1),
-                                  config.gradcheck_coords, dropout_key=key)
-    passed = gradcheck.verdict(reports)
-    n = int(batch[1].shape[0])
-    print(f"Gradient check on {n} examples, {config.dtype_name}, {config.layers or '-'.join(map(str, config.layer_sizes))} "
-          f"{config.activation}/{config.output}/{config.cost}:")
-    print(gradcheck.format_reports(reports))
-    print(f"Verdict: {'PASS' if passed else 'FAIL'}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    summary = {"mode": "gradcheck", "config": config.to_dict(), "passed": passed, "dtype": config.dtype_name,
-               "examples": n, "leaves": [dict(dataclasses.asdict(r), passed=r.passed) for r in reports]}
-    report.write_json(workdir / SUMMARY_FILE, summary)
-    return summary
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """One model of a training run, ready to apply: the run's config, data and plan; the model's
+    params and model state (batch-norm statistics, or None), at the checkpoint of `step` (None:
+    at its initialisation); `model` says which of the run's models it is."""
+
+    config: Config
+    dataset: data.Dataset
+    plan: train.Plan
+    params: list
+    model_state: list | None
+    step: int | None
+    model: dict  # {"index", "of", "seed", "learning_rate"}
 
 
-def restore_trained(workdir: pathlib.Path):
+def restore_trained(workdir: pathlib.Path, config: Config | None = None):
     """(config, dataset, plan, state) from a training workdir's latest checkpoint: the state of
-    every model (stacked on a leading axis of K when the run trained K > 1), on the run's mesh."""
-    config = read_workdir_config(workdir)
+    every model (stacked on a leading axis of K when the run trained K > 1), on the run's mesh.
+    `config`: the run's (default: its config.json)."""
+    config = config or read_workdir_config(workdir)
     dataset = load_dataset(config)
     plan = make_plan(config, dataset)
+    if _latest_checkpoint(workdir) is None:
+        raise ConfigError(f"{workdir} holds a training run with no checkpoint yet (it stopped before its first); "
+                          "resume it with its training command first")
     try:
         state, _ = checkpoint.restore(workdir / CHECKPOINT_DIR, plan.init_state())
     except checkpoint.CheckpointError as e:
@@ -400,30 +614,105 @@ def restore_trained(workdir: pathlib.Path):
     return config, dataset, plan, state
 
 
-def load_trained(workdir: pathlib.Path):
-    """(config, dataset, plan, params of model 0) from a training workdir's latest checkpoint."""
-    config, dataset, plan, state = restore_trained(workdir)
-    params = state.params
-    if plan.vmapped:  # model 0, on every device (and process) of a mesh
-        first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
-        on_mesh = plan.layout.mesh is not None
-        params = jax.jit(first, out_shardings=plan.layout.sharding(parallel.P()))(params) if on_mesh else first(params)
-    if plan.vmapped:
-        logging.info("%s holds %d models; using model 0 (seed %d)", workdir, config.num_models, config.seed)
-    return config, dataset, plan, params
+def _one_model(plan: train.Plan, index: int, workdir) -> tuple[dict, callable]:
+    """({"index", "of", "seed", "learning_rate"}, tree -> model `index`'s part of a state tree)."""
+    lanes = plan.model_lanes()
+    if not 0 <= index < len(lanes):
+        raise ConfigError(f"--model={index}, but the run in {workdir} holds {len(lanes)} model(s): "
+                          f"pass an index in 0..{len(lanes) - 1}")
+    about = {"index": index, "of": len(lanes), **lanes[index]}
+    if not plan.vmapped:
+        return about, lambda tree: tree
+    pick = lambda tree: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
+    if plan.layout.mesh is None:
+        return about, pick
+    return about, jax.jit(pick, out_shardings=plan.layout.sharding(parallel.P()))  # on every device and process
 
 
-def run_eval(workdir: pathlib.Path) -> dict:
+def load_trained(workdir: pathlib.Path, config: Config | None = None, model_index: int = 0,
+                 at_init: bool = False) -> Trained:
+    """Model `model_index` of the training run in `workdir`, from its latest checkpoint (or, with
+    `at_init`, as the run initialised it). The one place that reads a trained model."""
+    if at_init:
+        config = config or read_workdir_config(workdir)
+        dataset = load_dataset(config)
+        plan = make_plan(config, dataset)
+        state, step = plan.init_state(placed=False), None
+    else:
+        config, dataset, plan, state = restore_trained(workdir, config)
+        step = train.host_step(state)
+    about, pick = _one_model(plan, model_index, workdir)
+    model_state = pick(state.model_state) if plan.spec.stateful else None
+    return Trained(config, dataset, plan, pick(state.params), model_state, step, about)
+
+
+def _about_model(trained: Trained) -> str:
+    m = trained.model
+    at = "its initialisation" if trained.step is None else f"the checkpoint at step {trained.step}"
+    which = (f"model {m['index']} of {m['of']} (seed {m['seed']}, learning rate {m['learning_rate']:g}; --model "
+             "picks another)" if m["of"] > 1 else "its model")
+    return f"{which}, at {at}"
+
+
+def run_gradcheck(config: Config, workdir: pathlib.Path, model_index: int = 0) -> dict:
+    """Manual vs jax.grad vs finite differences for the config's model at the initial params its
+    training starts from, with a verdict; writes gradcheck.json in `workdir`."""
+    with precision(config):
+        dataset = load_dataset(config)
+        plan = make_plan(config, dataset)
+        about, pick = _one_model(plan, model_index, workdir)
+        trained = Trained(config, dataset, plan, pick(plan.init_state(placed=False).params), None, None, about)
+        return _gradcheck(trained, workdir, "at init")
+
+
+def run_gradcheck_of_run(workdir: pathlib.Path, given: dict | None = None, model_index: int = 0,
+                         at_init: bool = False) -> dict:
+    """The gradient check of a training run's model (its config, at its latest checkpoint or its
+    initialisation); writes gradcheck.json beside the run's files and touches none of them."""
+    config = run_config(workdir, given)
+    with precision(config):
+        trained = load_trained(workdir, config, model_index, at_init)
+        print(f"Checking the run in {workdir}: {_about_model(trained)}")
+        return _gradcheck(trained, workdir, "at init" if at_init else f"at step {trained.step}")
+
+
+def _gradcheck(trained: Trained, workdir: pathlib.Path, at: str) -> dict:
+    config, plan = trained.config, trained.plan
+    batch = gradient_batch(trained.dataset, plan.spec, plan.dtype, config.gradcheck_examples)
+    key = jax.random.PRNGKey(config.seed + 2) if plan.spec.has_dropout else None
+    reports = gradcheck.check(trained.params, batch, plan.spec, jax.random.PRNGKey(config.seed + 1),
+                              config.gradcheck_coords, dropout_key=key)
+    passed = gradcheck.verdict(reports)
+    n = int(batch[1].shape[0])
+    print(f"Gradient check {at} on {n} examples, {config.dtype_name}, "
+          f"{config.layers or '-'.join(map(str, config.layer_sizes))} {config.activation}/{config.output}/{config.cost}:")
+    print(gradcheck.format_reports(reports))
+    print(f"Verdict: {'PASS' if passed else 'FAIL'}")
+    output = {"mode": "gradcheck", "config": config.to_dict(), "params": at, "model": trained.model,
+              "passed": passed, "dtype": config.dtype_name, "examples": n,
+              "leaves": [dict(dataclasses.asdict(r), passed=r.passed) for r in reports]}
+    if parallel.is_primary():
+        report.write_json(workdir / GRADCHECK_FILE, output)
+    print(f"Wrote {workdir / GRADCHECK_FILE}")
+    return output
+
+
+def run_eval(workdir: pathlib.Path, given: dict | None = None, model_index: int = 0) -> dict:
     """Loss, accuracy and per-class accuracy on validation and test from the latest checkpoint."""
-    with precision(read_workdir_config(workdir)):
-        config, dataset, plan, params = load_trained(workdir)
+    config = run_config(workdir, given)
+    with precision(config):
+        trained = load_trained(workdir, config, model_index)
+        dataset, plan = trained.dataset, trained.plan
         evaluator = train.Evaluator(plan.spec, plan.dtype, vmapped=False, layout=plan.layout)
-        found = evaluator.splits(params, train.device_splits(dataset, plan.layout), ("validation", "test"))
-    summary = {"mode": "eval", "workdir": str(workdir)}
+        found = evaluator.splits(trained.params, train.device_splits(dataset, plan.layout), ("validation", "test"),
+                                 trained.model_state)
+    print(f"Evaluating {_about_model(trained)}")
+    summary = {"mode": "eval", "workdir": str(workdir), "step": trained.step, "model": trained.model}
     num_classes = plan.spec.num_classes
     print(f"{'split':<12} {'loss':>8} {'accuracy':>9}   per-class accuracy (0..{num_classes - 1})")
     for name in ("validation", "test"):
         if f"{name}_accuracy" not in found:
+            print(f"{name:<12} none (the run holds out no {name} images)")
             continue
         labels = getattr(dataset, name).labels
         cm = report.confusion_matrix(labels, found[f"{name}_predictions"], num_classes)
@@ -433,42 +722,51 @@ def run_eval(workdir: pathlib.Path) -> dict:
         print(f"{name:<12} {float(found[f'{name}_loss']):8.4f} {float(found[f'{name}_accuracy']):9.4f}   "
               + " ".join(f"{a:.3f}" for a in per_class))
         if name == "test" and parallel.is_primary():
-            report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
+            report.plot_confusion_matrix(cm, workdir / EVAL_CONFUSION_FILE)
     if parallel.is_primary():
-        report.write_json(workdir / "eval.json", summary)
-    print(f"Wrote {workdir / 'eval.json'} and {workdir / 'confusion_matrix.png'}")
+        report.write_json(workdir / EVAL_FILE, summary)
+    print(f"Wrote {workdir / EVAL_FILE} and {workdir / EVAL_CONFUSION_FILE}")
     return summary
 
 
-def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool) -> tuple[dict, int]:
-    """Classifies the user's image files; returns (predictions, number of files that failed)."""
+def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool, given: dict | None = None,
+                model_index: int = 0) -> tuple[dict, int]:
+    """Classifies the user's image files; returns (predictions, number of files that failed).
+    With no readable image, nothing is written and it is a UsageError."""
     try:
         paths = predict.find_images(images_spec)
     except predict.ImageError as e:
-        raise UsageError(str(e)) from None
-    with precision(read_workdir_config(workdir)):
-        config, dataset, plan, params = load_trained(workdir)
-        if dataset.image_shape != (predict.MNIST_SIZE, predict.MNIST_SIZE):
-            raise UsageError(f"predict makes 28x28 MNIST-style inputs, but the model in {workdir} takes "
-                             f"{'x'.join(map(str, dataset.image_shape))} images")
-        apply = jax.jit(lambda p, u8: model.apply(p, model.inputs(u8, plan.spec, plan.dtype), plan.spec))
+        raise ConfigError(str(e)) from None
+    config = run_config(workdir, given)
+    with precision(config):
+        trained = load_trained(workdir, config, model_index)
+        plan = trained.plan
+        if trained.dataset.image_shape != (predict.MNIST_SIZE, predict.MNIST_SIZE):
+            raise ConfigError(f"predict makes 28x28 MNIST-style inputs, but the model in {workdir} takes "
+                              f"{'x'.join(map(str, trained.dataset.image_shape))} images")
+        apply = jax.jit(lambda p, s, u8: model.apply(p, model.inputs(u8, plan.spec, plan.dtype), plan.spec, s))
 
         def probabilities(images_u8: np.ndarray) -> np.ndarray:
-            outputs = np.asarray(apply(params, jnp.asarray(images_u8)), np.float64)
+            outputs = np.asarray(apply(trained.params, trained.model_state, jnp.asarray(images_u8)), np.float64)
             return outputs / outputs.sum(axis=1, keepdims=True)  # sigmoid outputs normalised for display
 
         images, good, errors = predict.preprocess_files(paths)
         found = predict.classify(images, good, probabilities)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
-    if found:
-        print(predict.format_table(found))
-    if save_preprocessed and found:
-        written = predict.save_preprocessed(images, good, workdir / "preprocessed")
-        print(f"Wrote {len(written)} preprocessed 28x28 images to {workdir / 'preprocessed'}")
-    output = {"mode": "predict", "workdir": str(workdir), "predictions": found, "errors": errors}
-    report.write_json(workdir / "predictions.json", output)
-    print(f"Wrote {workdir / 'predictions.json'}")
+    if not found:
+        raise UsageError(f"none of the {len(paths)} image file(s) could be read; nothing written")
+    print(f"Predicting with {_about_model(trained)}")
+    print(predict.format_table(found))
+    if save_preprocessed and parallel.is_primary():
+        shutil.rmtree(workdir / PREPROCESSED_DIR, ignore_errors=True)  # no images of an earlier call beside these
+        written = predict.save_preprocessed(images, good, workdir / PREPROCESSED_DIR)
+        print(f"Wrote {len(written)} preprocessed 28x28 images to {workdir / PREPROCESSED_DIR}")
+    output = {"mode": "predict", "workdir": str(workdir), "step": trained.step, "model": trained.model,
+              "predictions": found, "errors": errors}
+    if parallel.is_primary():
+        report.write_json(workdir / PREDICTIONS_FILE, output)
+    print(f"Wrote {workdir / PREDICTIONS_FILE}")
     return output, len(errors)
 
 
@@ -479,10 +777,11 @@ def run_benchmark(config: Config, workdir: pathlib.Path) -> list[dict]:
     """Times the training step over the config's bench_* sweep; writes csv, json and png."""
     with precision(config):
         dataset = load_dataset(config)
-        try:
-            bench.plans(config, dataset)  # every network fits the data, before the workdir or any timing
+        try:  # every network fits the data and the devices, before the workdir or any timing
+            for plan in bench.plans(config, dataset):
+                check_classes(plan.spec, plan.config, dataset)
         except ValueError as e:
-            raise UsageError(str(e)) from None
+            raise ConfigError(str(e)) from None
         workdir.mkdir(parents=True, exist_ok=True)
         progress = Progress(bench.num_rows(config), 0, unit="row")
 
@@ -503,10 +802,17 @@ def run_benchmark(config: Config, workdir: pathlib.Path) -> list[dict]:
 
 
 def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_dir: pathlib.Path,
-                runs_dir: pathlib.Path, readme: pathlib.Path | None = None) -> dict:
-    """Trains every experiment over `seeds` seeds (vmapped) and regenerates the results table:
-    results_dir/results.{json,md}, each flagfile's "Result" header line and, when given, the
-    README's table. Entries already in results.json for other experiments are kept."""
+                runs_dir: pathlib.Path, readme: pathlib.Path | None = None, overrides: dict | None = None) -> dict:
+    """Trains every experiment over `seeds` seeds (vmapped) and regenerates the results table in
+    results_dir/results.{json,md}. Entries already in results.json for other experiments are kept.
+
+    readme: given only when publishing (results_dir is the repository's docs/): then the README's
+    table and each flagfile's "Result" header line are rewritten too. overrides: values the
+    entries' configs were changed by (already applied), recorded with every entry so that a
+    result is never mistaken for its flagfile's own; they never publish."""
+    if readme is not None and overrides:
+        raise ConfigError(f"{', '.join(f'{k}={config_lib.format_value(v)}' for k, v in overrides.items())} would "
+                          "change the published results: pass another --results_dir")
     table = results.load(results_dir / "results.json")
     for path, config in entries:
         name = path.stem
@@ -514,9 +820,10 @@ def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_
         print(f"\n=== {name}: {seeds} seeds ===", flush=True)
         shutil.rmtree(runs_dir / name, ignore_errors=True)  # a result is always a fresh run, never a resume
         summary = run_train(config, runs_dir / name)
-        table = results.add(table, name, path, summary)
+        table = results.add(table, name, path, summary, overrides)
         results.write(table, results_dir)
-        results.update_flagfile(path, table["experiments"][name])
+        if readme is not None:
+            results.update_flagfile(path, table["experiments"][name])
     if readme is not None and not results.update_readme(readme, table):
         logging.warning("%s has no results markers; its table was not updated", readme)
     print(f"Wrote {results_dir / 'results.md'} and {results_dir / 'results.json'}")

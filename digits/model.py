@@ -90,8 +90,9 @@ class ModelSpec:
         _check(math.isfinite(self.init_scale), f"init_scale must be finite, got {self.init_scale}")
         _check(math.isfinite(self.l2) and self.l2 >= 0, f"l2 must be >= 0 and finite, got {self.l2}")
         out = self.shapes[-1]  # walks the stack: raises on a kernel or window larger than its input
-        _check(len(out) == 1, f"{stack_[-1].text}: the last layer must output one logit per class, e.g. dense:10 "
-                              f"(it outputs {out})")
+        # The logits come from a learned layer (dense, or a user kind the activation would follow).
+        _check(len(out) == 1 and stack_[-1].activated,
+               f"{stack_[-1].text}: the last layer must be dense:N, N logits (one per class)")
 
     def implicit_activation_for(self, layers) -> layers_lib.Layer | None:
         """The --activation layer, or None when the stack names activation layers itself."""

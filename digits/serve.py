@@ -351,6 +351,7 @@ def run(workdir: pathlib.Path, host: str = "127.0.0.1", port: int = 8000) -> Non
     try:
         server.serve_forever()
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the shutdown
         print("Stopped serving", flush=True)
     finally:
         signal.signal(signal.SIGINT, previous)

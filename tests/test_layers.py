@@ -54,9 +54,9 @@ SINGLE_LAYERS = [
     ("conv_same_stride2", layers.Conv(3, 3, 2, stride=2, padding="same"), (7, 8, 2), 2),
     ("conv_same_even_kernel_larger_than_input", layers.Conv(4, 2, 3, padding="same"), (3, 5, 2), 2),
     ("conv_1x1_one_filter", layers.Conv(1, 1, 1), (4, 4, 3), 2),
-    ("maxpool2_odd", layers.Pool("max", 2), (7, 7, 2), 2),
-    ("maxpool3_batch1", layers.Pool("max", 3), (6, 8, 1), 1),
-    ("avgpool3_odd", layers.Pool("avg", 3), (7, 7, 2), 2),
+    ("maxpool2_odd", layers.MaxPool(2), (7, 7, 2), 2),
+    ("maxpool3_batch1", layers.MaxPool(3), (6, 8, 1), 1),
+    ("avgpool3_odd", layers.AvgPool(3), (7, 7, 2), 2),
     ("dropout", layers.Dropout(0.4), (5, 3, 2), 2),
 ]
 
@@ -65,7 +65,7 @@ SINGLE_LAYERS = [
                          ids=[case[0] for case in SINGLE_LAYERS])
 def test_each_layer_backward_matches_vjp(layer, shape, batch):
     rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda key: layer.init(key, key, shape, "glorot", 0.5, jnp.float64), jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(lambda key: layer.init(key, shape, jnp.float64), jax.random.PRNGKey(0))
     params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape)), shapes)
     x = jnp.asarray(rng.normal(size=(batch,) + shape))
     (grads, dx), (auto_grads, auto_dx) = _layer_vs_vjp(layer, params, x, jax.random.PRNGKey(5))
@@ -153,7 +153,7 @@ class StacksFloat64(parameterized.TestCase):
 def test_maxpool_ties_route_to_the_first_maximum_exactly():
     """All-zero windows (as after a ReLU): the gradient goes to the window's first element in
     row-major order, by hand and under jax.grad alike."""
-    pool = layers.Pool("max", 2)
+    pool = layers.MaxPool(2)
     x = np.zeros((2, 5, 4, 3))
     x[0, 1, 1, 0], x[1, 3, 3, 2] = 1.0, -1.0  # a strict maximum; a tie of zeros above a -1
     expected = np.zeros_like(x)
@@ -174,14 +174,14 @@ def test_maxpool_ties_route_to_the_first_maximum_exactly():
 def test_maxpool_ties_in_a_relu_stack_match_exactly():
     spec, params, (x, labels) = _problem("conv3x3:2,maxpool2,dense:3", (8, 8, 1), activation="relu", l2=0.0)
     params[0]["b"] = params[0]["b"] - 10.0  # every ReLU output, so every pool window, is zero
-    assert not np.any(model.forward(params, x, spec).inputs[1])
+    assert not np.any(model.forward(params, x, spec).caches[0][1])  # the ReLU outputs
     (_, manual), (_, auto) = _both(params, (x, labels), spec, None)
     np.testing.assert_array_equal(manual[0]["w"], auto[0]["w"])  # both zero: nothing gets through
     assert _relative_error(manual[2]["b"], auto[2]["b"]) <= 1e-12
 
 
 def test_avgpool_remainder_gets_no_gradient():
-    pool = layers.Pool("avg", 3)
+    pool = layers.AvgPool(3)
     x = jnp.ones((1, 7, 8, 1))
     y, cache = pool.forward({}, x)
     _, dx = pool.backward({}, cache, jnp.ones_like(y))
@@ -218,7 +218,7 @@ class TestDropout:
     def test_layers_draw_different_masks(self):
         spec, params, (x, _) = _problem("dropout:0.5,dropout:0.5,dense:2", (50,))
         forward = model.forward(params, x, spec, jax.random.PRNGKey(0))
-        first, second = forward.caches[0], forward.caches[1]
+        (first, _), (second, _) = forward.caches[0], forward.caches[1]
         assert not np.array_equal(first, second)
 
 

@@ -197,8 +197,6 @@ def split_top_level(text: str) -> list[str]:
 def parse_layer(token: str) -> Layer:
     """One token of a `--layers` string -> a layer; ValueError naming the token if it is bad."""
     token = "".join(token.split())
-    if not token:
-        raise ValueError(f"empty layer token ({usage()})")
     if m := re.fullmatch(r"([a-z][a-z0-9_]*)\((.*)\)", token):
         cls = _REGISTRY.get(m[1])
         if cls is None or not hasattr(cls, "from_children"):

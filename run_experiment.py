@@ -202,7 +202,7 @@ def run(mode: str) -> int:
     if mode == "serve":
         from digits import serve
 
-        serve.run(workdir, FLAGS.host, FLAGS.port)
+        serve.run(workdir, FLAGS.host, FLAGS.port, given_values())
         return 0
     if mode == "predict":
         if not FLAGS.images:
@@ -344,6 +344,9 @@ def parse_flags(argv):
 
 def console_main():
     """The `digits` console script (setup.cfg): the same flags as `python run_experiment.py`."""
+    if __name__ != "__main__":  # --help lists the flags of the program run (sys.argv[0]): these are
+        for flag in FLAGS.get_key_flags_for_module(__name__):
+            FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     logging.set_verbosity(logging.INFO)
     app.run(main, flags_parser=parse_flags)
 

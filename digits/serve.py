@@ -84,26 +84,29 @@ def probability_cotangent(outputs: jax.Array, c: jax.Array, output: str) -> jax.
     return d * (1 - outputs) if output == "sigmoid" else d
 
 
-def analysis(params, image: jax.Array, spec: model.ModelSpec, dtype):
-    """One drawing through the K models; the only function here that runs a model.
+def analysis(params, state, image: jax.Array, spec: model.ModelSpec, dtype):
+    """One drawing through the K models, in evaluation mode; the only function here that runs a
+    model.
 
-    params: every model's params stacked on a leading axis of K; image: uint8 (28, 28).
-    Returns (digit, probabilities (C,) averaged over the models, input (28, 28) in [0, 1],
-    saliency by the hand-derived backward (28, 28), saliency by jax.grad (28, 28)).
+    params, state: every model's params and model state (batch-norm statistics; empty for most
+    models) stacked on a leading axis of K; image: uint8 (28, 28). Returns (digit, probabilities
+    (C,) averaged over the models, input (28, 28) in [0, 1], saliency by the hand-derived
+    backward (28, 28), saliency by jax.grad (28, 28)).
     """
     x = model.inputs(image[None], spec, dtype)  # (1, *spec.input_shape)
 
     def probabilities(x):  # (K, C): each model's shown probabilities
-        return jax.vmap(lambda p: shown_probabilities(model.apply(p, x, spec), spec.output)[0])(params)
+        shown = lambda p, s: shown_probabilities(model.apply(p, x, spec, s), spec.output)[0]  # noqa: E731
+        return jax.vmap(shown)(params, state)
 
     mean = probabilities(x).mean(axis=0)
     c = jnp.argmax(mean)
 
-    def manual(p):  # d q_c / d x of one model, by the hand-derived backward pass
-        outputs = model.activate(model.logits(p, x, spec), spec.output)
-        return backprop.input_gradient(p, x, spec, probability_cotangent(outputs, c, spec.output))
+    def manual(p, s):  # d q_c / d x of one model, by the hand-derived backward pass
+        outputs = model.activate(model.logits(p, x, spec, state=s), spec.output)
+        return backprop.input_gradient(p, x, spec, probability_cotangent(outputs, c, spec.output), s)
 
-    saliency_manual = jax.vmap(manual)(params).mean(axis=0)
+    saliency_manual = jax.vmap(manual)(params, state).mean(axis=0)
     saliency_autodiff = jax.grad(lambda x: probabilities(x)[:, c].mean())(x)
     side = image.shape
     return c, mean, x.reshape(side), saliency_manual.reshape(side), saliency_autodiff.reshape(side)
@@ -114,6 +117,7 @@ class Analyser:
     """A trained run, ready to analyse drawings: `analyse(png_bytes)` -> the API's JSON dict."""
 
     params: object  # K models' params, stacked on a leading axis, on the default device
+    state: object  # their model states, likewise
     spec: model.ModelSpec
     dtype: object
     x64: bool
@@ -125,7 +129,8 @@ class Analyser:
     def analyse_image(self, image: np.ndarray) -> dict:
         """uint8 (28, 28) -> the API's dict. Thread-safe; x64 is per thread, so it is set here."""
         with jax.enable_x64(self.x64):
-            c, probabilities, x, manual, autodiff = jax.device_get(self.compiled(self.params, jnp.asarray(image)))
+            found = self.compiled(self.params, self.state, jnp.asarray(image))
+            c, probabilities, x, manual, autodiff = jax.device_get(found)
         return {"digit": int(c), "probabilities": probabilities.tolist(), "input": x.tolist(),
                 "saliency_manual": manual.tolist(), "saliency_autodiff": autodiff.tolist(),
                 "max_abs_difference": float(np.max(np.abs(manual - autodiff)))}
@@ -177,21 +182,22 @@ def describe(config, plan, workdir: pathlib.Path) -> dict:
             "saliency": "d p_c / d x: the shown probability of the predicted class c, by input pixel"}
 
 
-def load(workdir: pathlib.Path) -> Analyser:
-    """A training workdir's latest checkpoint, every model, ready to serve; a run that cannot be
-    served (no run, no checkpoint, a corrupt one, images that are not 28x28) is a UsageError."""
-    config = experiment.read_workdir_config(workdir)
+def load(workdir: pathlib.Path, given: dict | None = None) -> Analyser:
+    """Every model of a training workdir, at its latest checkpoint, ready to serve. `given`: flag
+    values that say where the data is (as for --mode=eval). A run that cannot be served (no
+    run, no checkpoint, a corrupt one, images that are not 28x28) is a UsageError."""
+    config = experiment.run_config(workdir, given)
     with experiment.precision(config):
-        config, dataset, plan, state = experiment.restore_trained(workdir)
+        config, dataset, plan, state = experiment.restore_trained(workdir, config)
         if dataset.image_shape != (predict.MNIST_SIZE, predict.MNIST_SIZE):
-            raise experiment.UsageError(
+            raise experiment.ConfigError(
                 f"the drawing page makes 28x28 MNIST-style inputs, but the model in {workdir} takes "
                 f"{'x'.join(map(str, dataset.image_shape))} images")
-        params = jax.device_get(state.params)  # off the run's mesh, onto the one default device
+        models = jax.device_get((state.params, state.model_state))  # off the run's mesh
         if not plan.vmapped:
-            params = jax.tree.map(lambda leaf: leaf[None], params)
-        params = jax.device_put(params)
-    return Analyser(params, plan.spec, plan.dtype, config.x64, describe(config, plan, workdir))
+            models = jax.tree.map(lambda leaf: leaf[None], models)
+        params, model_state = jax.device_put(models)  # onto the one default device
+    return Analyser(params, model_state, plan.spec, plan.dtype, config.x64, describe(config, plan, workdir))
 
 
 # --- HTTP -------------------------------------------------------------------------------------
@@ -335,9 +341,9 @@ def make_server(analyser: Analyser, host: str = "127.0.0.1", port: int = 0) -> S
         raise experiment.UsageError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
 
 
-def run(workdir: pathlib.Path, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """--mode=serve: loads and compiles the model, then serves until Ctrl-C."""
-    analyser = load(workdir)
+def run(workdir: pathlib.Path, host: str = "127.0.0.1", port: int = 8000, given: dict | None = None) -> None:
+    """--mode=serve: loads and compiles the models, then serves until Ctrl-C."""
+    analyser = load(workdir, given)
     compile_s = analyser.warm_up()
     server = make_server(analyser, host, port)
     info = analyser.info

@@ -109,7 +109,7 @@ def config_from(flag_values: flags.FlagValues) -> config_lib.Config:
 def as_flags(message: str) -> str:
     """A Config error in the command line's words: field names become --flags."""
     names = "|".join(sorted((f.name for f in config_lib.fields()), key=len, reverse=True))
-    return re.sub(rf"(?<![\w-])({names})(?=[=:]| must| needs|$)", r"--\1", message)
+    return re.sub(rf"(?<![\w/.-])({names})(?=[=:]| must| needs|$)", r"--\1", message)
 
 
 def config_from_flagfile(path: str) -> config_lib.Config:

@@ -604,6 +604,10 @@ def restore_trained(workdir: pathlib.Path, config: Config | None = None):
     config = config or read_workdir_config(workdir)
     dataset = load_dataset(config)
     plan = make_plan(config, dataset)
+    return config, dataset, plan, _restore(workdir, plan)
+
+
+def _restore(workdir: pathlib.Path, plan: train.Plan) -> train.TrainState:
     if _latest_checkpoint(workdir) is None:
         raise ConfigError(f"{workdir} holds a training run with no checkpoint yet (it stopped before its first); "
                           "resume it with its training command first")
@@ -611,7 +615,7 @@ def restore_trained(workdir: pathlib.Path, config: Config | None = None):
         state, _ = checkpoint.restore(workdir / CHECKPOINT_DIR, plan.init_state())
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
-    return config, dataset, plan, state
+    return state
 
 
 def _one_model(plan: train.Plan, index: int, workdir) -> tuple[dict, callable]:
@@ -633,15 +637,12 @@ def load_trained(workdir: pathlib.Path, config: Config | None = None, model_inde
                  at_init: bool = False) -> Trained:
     """Model `model_index` of the training run in `workdir`, from its latest checkpoint (or, with
     `at_init`, as the run initialised it). The one place that reads a trained model."""
-    if at_init:
-        config = config or read_workdir_config(workdir)
-        dataset = load_dataset(config)
-        plan = make_plan(config, dataset)
-        state, step = plan.init_state(placed=False), None
-    else:
-        config, dataset, plan, state = restore_trained(workdir, config)
-        step = train.host_step(state)
+    config = config or read_workdir_config(workdir)
+    dataset = load_dataset(config)
+    plan = make_plan(config, dataset)
     about, pick = _one_model(plan, model_index, workdir)
+    state = plan.init_state(placed=False) if at_init else _restore(workdir, plan)
+    step = None if at_init else train.host_step(state)
     model_state = pick(state.model_state) if plan.spec.stateful else None
     return Trained(config, dataset, plan, pick(state.params), model_state, step, about)
 
@@ -738,6 +739,11 @@ def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool
     except predict.ImageError as e:
         raise ConfigError(str(e)) from None
     config = run_config(workdir, given)
+    images, good, errors = predict.preprocess_files(paths)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if not good:
+        raise UsageError(f"none of the {len(paths)} image file(s) could be read; nothing written")
     with precision(config):
         trained = load_trained(workdir, config, model_index)
         plan = trained.plan
@@ -750,12 +756,7 @@ def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool
             outputs = np.asarray(apply(trained.params, trained.model_state, jnp.asarray(images_u8)), np.float64)
             return outputs / outputs.sum(axis=1, keepdims=True)  # sigmoid outputs normalised for display
 
-        images, good, errors = predict.preprocess_files(paths)
         found = predict.classify(images, good, probabilities)
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    if not found:
-        raise UsageError(f"none of the {len(paths)} image file(s) could be read; nothing written")
     print(f"Predicting with {_about_model(trained)}")
     print(predict.format_table(found))
     if save_preprocessed and parallel.is_primary():

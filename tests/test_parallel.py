@@ -213,8 +213,8 @@ def test_every_mode_runs_on_eight_fake_devices(cache_dir, tmp_path, mnist_splits
 
 
 def test_a_bad_flag_in_two_processes_is_one_line_and_a_non_zero_exit(capfd, tmp_path):
-    assert launch.run(2, ["--num_devices=5", "--steps=1", f"--workdir={tmp_path}"], timeout=120) == 1
+    assert launch.run(2, ["--num_devices=5", "--steps=1", f"--workdir={tmp_path}"], timeout=120) == 2
     errors = [line for line in capfd.readouterr().err.splitlines() if "error" in line]
-    assert errors == ["error: num_devices=5 but only 2 cpu device(s) are available",
-                      "process 1: error: num_devices=5 but only 2 cpu device(s) are available"]
+    assert errors == ["error: --num_devices=5 but only 2 cpu device(s) are available",
+                      "process 1: error: --num_devices=5 but only 2 cpu device(s) are available"]
     assert not (tmp_path / "config.json").exists()  # nothing written before the check

@@ -93,8 +93,16 @@ def autodiff_tolerance(dtype, num_params: int, scale):
     a shape-only proxy that `tree_agreement` can compute under jit. The same sqrt(N) absorbs an
     ill-conditioned output delta (e.g. a saturated softmax under the quadratic cost loses digits in
     a - y), which perturbs every leaf by the same relative amount, small leaves (biases) included.
-    Per leaf, not per tree: a first layer with vanishing gradients is judged on its own scale.
-    `scale` may be a traced jnp scalar.
+    Per layer, not per tree: `scale` is the largest max|r| among the leaves of the leaf's own layer
+    (its dict: w and b of a dense layer), so a first layer with vanishing gradients is judged on
+    its own scale, while a leaf that cancels to zero exactly while its sibling does not (the bias
+    of a conv followed by batch norm, whose mean removes it: db = sum dy = 0 up to the rounding of
+    the dy it sums) is judged on the scale of the terms it was summed from, which its sibling w
+    shows. And no entry is held to less than 16 ulps of the model's largest gradient (a floor of
+    max|r| over the tree / sqrt(N) on `scale`): where a whole layer's gradient cancels to zero
+    exactly (everything before a batch norm over a batch of 2, whose output is +-1 whatever its
+    input), what is left is the rounding of the cotangents that cancelled, which no leaf of that
+    layer shows. `scale` may be a traced jnp scalar.
     """
     eps = float(jnp.finfo(dtype).eps)
     return AUTODIFF_ATOL_ULPS * eps * math.sqrt(num_params) * scale, AUTODIFF_RTOL_ULPS * eps
@@ -161,6 +169,25 @@ def _ratio(error, bound):
         return np.where(error == 0, 0.0, error / bound)
 
 
+def _layer_groups(tree) -> list[int]:
+    """For each leaf, the index of its layer (the leaves sharing a parent dict: w and b)."""
+    parents = [path[:-1] for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    index = {parent: i for i, parent in enumerate(dict.fromkeys(parents))}
+    return [index[parent] for parent in parents]
+
+
+def _layer_scales(leaves, groups, maximum, zero):
+    """The scale each leaf's atol is drawn from, in leaf order (`maximum`: np or jnp.maximum):
+    max |r| over the leaf's layer, but at least max |r| over the tree / sqrt(N), so that no entry
+    is held to less than 16 ulps of the model's largest gradient (`autodiff_tolerance`)."""
+    scales, largest, size = {}, zero, max(1, sum(leaf.size for leaf in leaves))
+    for leaf, group in zip(leaves, groups):
+        leaf_max = abs(leaf).max() if leaf.size else zero
+        scales[group] = maximum(scales.get(group, zero), leaf_max)
+        largest = maximum(largest, leaf_max)
+    return [maximum(scales[group], largest / math.sqrt(size)) for group in groups]
+
+
 def tree_agreement(manual, reference) -> tuple[jax.Array, jax.Array, jax.Array]:
     """How far a gradient tree is from a reference tree, under the manual-vs-autodiff error model.
 
@@ -180,14 +207,16 @@ def tree_agreement(manual, reference) -> tuple[jax.Array, jax.Array, jax.Array]:
     tree gives (0, 0, 0).
     """
     jax.tree.map(lambda m, r: None, manual, reference)  # raises on a structure mismatch
-    pairs = [(m, r) for m, r in zip(jax.tree.leaves(manual), jax.tree.leaves(reference)) if r.size]
-    dtype = jnp.result_type(*[r for _, r in pairs]) if pairs else jnp.float32
+    scales = _layer_scales(jax.tree.leaves(reference), _layer_groups(reference), jnp.maximum, 0.0)
+    pairs = [(m, r, scale) for m, r, scale in zip(jax.tree.leaves(manual), jax.tree.leaves(reference), scales)
+             if r.size]
+    dtype = jnp.result_type(*[r for _, r, _ in pairs]) if pairs else jnp.float32
     zero = jnp.zeros((), dtype)
-    num_params = max(1, sum(r.size for _, r in pairs))
+    num_params = max(1, sum(r.size for _, r, _ in pairs))
     violation, diff_sq, ref_sq, man_sq, max_abs = zero, zero, zero, zero, zero
-    for m, r in pairs:
+    for m, r, scale in pairs:
         diff = jnp.abs(m - r)
-        atol, rtol = autodiff_tolerance(r.dtype, num_params, jnp.max(jnp.abs(r)))
+        atol, rtol = autodiff_tolerance(r.dtype, num_params, scale)
         ratio = jnp.where(diff == 0, 0, diff / (atol + rtol * jnp.abs(r)))
         violation = jnp.maximum(violation, jnp.max(ratio).astype(dtype))
         diff_sq = diff_sq + jnp.sum(jnp.square(diff)).astype(dtype)
@@ -300,8 +329,10 @@ def _run(params, batch, spec, value_and_grad, dropout_key, with_reference: bool,
         auto_loss, auto = reference
         num_params = max(1, sum(leaf.size for leaf in jax.tree.leaves(params)))
         autodiff.append(_autodiff_report("loss", manual_loss, auto_loss, num_params))
-        for name, m, a in zip(names, grads, jax.tree.leaves(auto), strict=True):
-            autodiff.append(_mismatch(name, "jax.grad", m, a) or _autodiff_report(name, m, a, num_params))
+        auto_leaves = [np.asarray(a) for a in jax.tree.leaves(auto)]
+        scales = _layer_scales(auto_leaves, _layer_groups(auto), np.maximum, 0.0)
+        for name, m, a, scale in zip(names, grads, auto_leaves, scales, strict=True):
+            autodiff.append(_mismatch(name, "jax.grad", m, a) or _autodiff_report(name, m, a, num_params, scale))
     if not plan:
         return autodiff, []
     f, slope = np.asarray(f, np.float64)[:count], np.asarray(slope, np.float64)[:count]
@@ -316,10 +347,12 @@ def _run(params, batch, spec, value_and_grad, dropout_key, with_reference: bool,
     return autodiff, finite
 
 
-def _autodiff_report(name: str, manual, reference, num_params: int) -> LeafReport:
+def _autodiff_report(name: str, manual, reference, num_params: int, scale=None) -> LeafReport:
+    """scale: max |r| over the leaf's layer (default: over the leaf)."""
     dtype = jnp.result_type(reference)
     m, r = np.asarray(manual, np.float64), np.asarray(reference, np.float64)
-    atol, rtol = autodiff_tolerance(dtype, num_params, float(np.max(np.abs(r), initial=0.0)))
+    scale = float(np.max(np.abs(r), initial=0.0)) if scale is None else float(scale)
+    atol, rtol = autodiff_tolerance(dtype, num_params, scale)
     ratio = _ratio(np.abs(m - r), atol + rtol * np.abs(r))
     return LeafReport(name, "jax.grad", *compare_vectors(m, r), atol=float(atol), rtol=float(rtol),
                       worst_ratio=float(np.max(ratio, initial=0.0)))

@@ -1,5 +1,5 @@
-"""The documentation stays true: every relative link and image in README.md and docs/*.md
-resolves (files and #anchors), every --flag it names exists, every --mode it names is a mode and
+"""The documentation stays true: every relative link and image in README.md, CHANGELOG.md and
+docs/*.md resolves (files and #anchors), every --flag it names exists, every --mode it names is a mode and
 every experiments/*.cfg it names is there."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import run_experiment
 from digits import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 ABSL_FLAGS = {"help", "helpshort", "helpfull", "helpxml", "flagfile", "undefok"}  # defined by absl itself
 OTHER_TOOLS_FLAGS = {"nodes"}  # SLURM's srun, in the multi-host example
 
@@ -90,7 +90,10 @@ def test_every_flag_mode_and_flagfile_the_docs_name_exists():
     for page in PAGES:
         text = page.read_text()
         for name in sorted(set(FLAG.findall(text))):
-            if name not in known and not (name.startswith("no") and name[2:] in booleans):
+            if name.endswith("_"):  # a family, "--bench_*": some flag must start with it
+                if not any(flag.startswith(name) for flag in known):
+                    missing.append(f"{page.name}: --{name}*")
+            elif name not in known and not (name.startswith("no") and name[2:] in booleans):
                 missing.append(f"{page.name}: --{name}")
         for mode in sorted(set(re.findall(r"--mode[= ]([a-z_]+)", text))):
             if mode not in config_lib.MODES:
@@ -105,8 +108,8 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     """The parsers above on a page with one of everything (so a pass means something)."""
     page = ("# Top: `digits` & co\n## Top: `digits` & co\n[a](x.md#top-digits--co) ![i](img/p.png \"t\")\n"
             "<img src=\"b.png\"> [r]: c.md\n[ok](https://x.org) `[no](code.md)`\n```sh\n[no](fenced.md) --in_code\n```\n"
-            "--epochs=2 --no-deps --l2_per_example --notensorboard\n")
+            "--epochs=2 --no-deps --l2_per_example --notensorboard --bench_*\n")
     assert sorted(links(page)) == ["b.png", "https://x.org", "img/p.png", "x.md#top-digits--co"]
     assert anchors(page) == {"top-digits--co", "top-digits--co-1"}
-    assert FLAG.findall(page) == ["in_code", "epochs", "l2_per_example", "notensorboard"]
+    assert FLAG.findall(page) == ["in_code", "epochs", "l2_per_example", "notensorboard", "bench_"]
     assert {"epochs", "l2_per_example", "processes", "port", "flagfile"} <= program_flags()

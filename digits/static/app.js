@@ -122,7 +122,7 @@
       if (dirty) send();
       else if (sent !== generation) return;
       else if (failed) setState("error", `error: ${failed.message}`);
-      else setState("ready", "Release, draw on, or clear.");
+      else setState("ready", "Draw on to change it, or clear.");
     }, "image/png");
   }
 

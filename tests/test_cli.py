@@ -80,7 +80,7 @@ def test_different_config_in_workdir_is_refused_then_overwritten(trained, cache_
     (["--layers=conv5x5:20,blur3,dense:10"], "blur3", 2),
     (["--layer_sizes=784,x,10"], "comma-separated integers", 2),
     (["--learning_rate=-1"], "learning_rate", 2),
-    (["--activation=gelu"], "activation", 2),
+    (["--activation=swish"], "activation", 2),
     (["--batch_size=60000", "--optimizer=sgd"], "exceeds", 2),
     (["--optimizer=gd", "--batch_size=10"], "full-batch", 2),
     (["--data_source=idx"], "--idx_dir", 2),
@@ -147,8 +147,9 @@ def test_corrupt_checkpoint_is_reported_and_not_overwritten(trained, cache_dir, 
     latest = max((p for p in (copy / "checkpoints" / "checkpoint_00000080").rglob("*") if p.is_file()),
                  key=lambda p: p.stat().st_size)
     latest.write_bytes(latest.read_bytes()[:200])
-    result = run_cli(*TINY, f"--workdir={copy}", "--checkpoint_every=30", "--grad=both", "--audit_every=10",
-                     cache_dir=cache_dir, check=False)
+    # A finished run is only reported; extending it restores the corrupt checkpoint.
+    result = run_cli(*TINY, "--epochs=3", f"--workdir={copy}", "--checkpoint_every=30", "--grad=both",
+                     "--audit_every=10", cache_dir=cache_dir, check=False)
     assert result.returncode == 1 and "corrupt or truncated" in result.stderr and "checkpoint_00000080" in result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
     assert len(latest.read_bytes()) == 200

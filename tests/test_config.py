@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
     ({"schedule": "cosin"}, "schedule must be one of"),
     ({"grad": "Autodiff"}, "grad must be one of"),
     ({"optimizer": "rmsprop"}, "optimizer must be one of"),
-    ({"activation": "gelu"}, "activation must be one of"),
+    ({"activation": "swish"}, "activation must be one of"),
     ({"learning_rate": math.nan}, "learning_rate must be a finite number"),
     ({"learning_rate": math.inf}, "learning_rate must be a finite number"),
     ({"learning_rate": 0.0}, "learning_rate must be > 0"),

@@ -68,7 +68,8 @@ def test_every_relative_link_and_image_resolves(page):
         path = path.split("?")[0]
         resolved = (page.parent / path).resolve() if path else page
         if not resolved.exists():
-            broken.append(f"{target} (no {resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved})")
+            shown = resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved
+            broken.append(f"{target} (no {shown})")
         elif fragment and resolved.suffix == ".md" and fragment not in anchors(resolved.read_text()):
             broken.append(f"{target} (no heading #{fragment} in {resolved.name})")
     assert not broken, f"{page.name}: broken links: {', '.join(broken)}"
@@ -104,10 +105,11 @@ def test_every_flag_mode_and_flagfile_the_docs_name_exists():
     assert not missing, f"named in the docs but not in the code: {', '.join(missing)}"
 
 
-def test_the_checks_find_what_they_look_for(tmp_path):
+def test_the_checks_find_what_they_look_for():
     """The parsers above on a page with one of everything (so a pass means something)."""
     page = ("# Top: `digits` & co\n## Top: `digits` & co\n[a](x.md#top-digits--co) ![i](img/p.png \"t\")\n"
-            "<img src=\"b.png\"> [r]: c.md\n[ok](https://x.org) `[no](code.md)`\n```sh\n[no](fenced.md) --in_code\n```\n"
+            "<img src=\"b.png\"> [r]: c.md\n[ok](https://x.org) `[no](code.md)`\n"
+            "```sh\n[no](fenced.md) --in_code\n```\n"
             "--epochs=2 --no-deps --l2_per_example --notensorboard --bench_*\n")
     assert sorted(links(page)) == ["b.png", "https://x.org", "img/p.png", "x.md#top-digits--co"]
     assert anchors(page) == {"top-digits--co", "top-digits--co-1"}

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from cli import ENV, ROOT, run_cli
 from digits import checkpoint, experiment, model, predict, report, serve
 from digits.config import Config
+
 SEVEN = [(90, 60), (190, 60), (120, 230)]  # on a 280 x 280 canvas
 
 
@@ -116,7 +117,7 @@ def random_image(seed: int) -> np.ndarray:
 MODELS = {  # softmax MLPs are the served run of the API tests
     "mlp_sigmoid_output": dict(layers="dense:12,dense:7,dense:10", activation="tanh", output="sigmoid",
                                cost="quadratic"),
-    "conv_batchnorm": dict(layers="conv3x3:3,batchnorm,maxpool2,conv3x3:2:s2:same,dense:10"),
+    "conv_batchnorm": dict(layers="conv3x3:3:s2,batchnorm,maxpool2,dense:10"),
 }
 
 
@@ -139,7 +140,7 @@ def test_saliency_by_hand_equals_jax_grad_and_the_slope_of_the_shown_probability
 
         @jax.jit
         def shown(x):  # the ensemble's shown probabilities, written independently of serve.py
-            outputs = [model.apply(p, x, spec, s)[0] for p, s in zip(per_model, states)]
+            outputs = [model.apply(p, x, spec, s)[0] for p, s in zip(per_model, states, strict=True)]
             if spec.output == "sigmoid":
                 outputs = [a / a.sum() for a in outputs]
             return sum(outputs) / models
@@ -167,7 +168,10 @@ def test_saliency_by_hand_equals_jax_grad_and_the_slope_of_the_shown_probability
 def test_probability_cotangent_is_the_jacobian_row_of_the_shown_probability():
     z = jnp.array([[0.3, -1.2, 2.0, 0.1]], jnp.float32)
     for output in ("softmax", "sigmoid"):
-        jacobian = jax.jacobian(lambda z: serve.shown_probabilities(model.activate(z, output), output))(z)[0, :, 0]
+        def shown(z, output=output):
+            return serve.shown_probabilities(model.activate(z, output), output)
+
+        jacobian = jax.jacobian(shown)(z)[0, :, 0]
         for c in range(4):
             np.testing.assert_allclose(serve.probability_cotangent(model.activate(z, output), jnp.int32(c), output)[0],
                                        jacobian[c], rtol=1e-5, atol=1e-7)
@@ -342,7 +346,8 @@ def start_server(workdir, cache_dir, stderr):
                                 "--port=0", f"--cache_dir={cache_dir}"], stdout=subprocess.PIPE, stderr=stderr,
                                text=True, env=ENV, cwd=ROOT)
     lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)], daemon=True).start()
+    reader = lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)]  # noqa: E731
+    threading.Thread(target=reader, daemon=True).start()
     while True:
         line = lines.get(timeout=120)
         assert line is not None, "the server exited before serving"

@@ -363,11 +363,19 @@ class _WorkdirHooks(train.Hooks):
             self.tb.close()
 
 
+def network_text(plan: train.Plan) -> str:
+    """The network as the run header says it: 784-30-10 relu/softmax/cross_entropy for the dense
+    shorthand, else the effective stack (implicit activations written in) and output/cost."""
+    c = plan.config
+    if not c.layers:
+        return f"{'-'.join(map(str, c.layer_sizes))} {c.activation}/{c.output}/{c.cost}"
+    return f"{plan.spec.effective_text} {c.output}/{c.cost}"
+
+
 def describe(plan: train.Plan, dataset: data.Dataset) -> str:
     c = plan.config
-    net = c.layers or "-".join(map(str, c.layer_sizes))
     return (f"{dataset.name} ({dataset.source}): {len(dataset.train)} train, {len(dataset.validation)} validation, "
-            f"{len(dataset.test)} test; {net} {c.activation}/{c.output}/{c.cost}; {c.optimizer} lr "
+            f"{len(dataset.test)} test; {network_text(plan)}; {c.optimizer} lr "
             f"{','.join(map(str, c.learning_rates))}; grad={c.grad}; {c.num_models} model(s); {plan.total_steps} steps "
             f"on {jax.devices()[0].device_kind}, {plan.layout.describe()}"
             + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
@@ -685,8 +693,7 @@ def _gradcheck(trained: Trained, workdir: pathlib.Path, at: str) -> dict:
                               config.gradcheck_coords, dropout_key=key)
     passed = gradcheck.verdict(reports)
     n = int(batch[1].shape[0])
-    print(f"Gradient check {at} on {n} examples, {config.dtype_name}, "
-          f"{config.layers or '-'.join(map(str, config.layer_sizes))} {config.activation}/{config.output}/{config.cost}:")
+    print(f"Gradient check {at} on {n} examples, {config.dtype_name}, {network_text(plan)}:")
     print(gradcheck.format_reports(reports))
     print(f"Verdict: {'PASS' if passed else 'FAIL'}")
     output = {"mode": "gradcheck", "config": config.to_dict(), "params": at, "model": trained.model,

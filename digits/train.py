@@ -292,10 +292,10 @@ def plan_value_and_grad(plan: Plan):
     slice of the batch, then the all-reduce). Not jitted."""
     fn = grad_function(plan.config.grad)
     if plan.layout.data_size == 1:
-        return lambda params, batch, key=None, state=None: fn(params, batch, plan.spec, key, state)
+        return lambda params, batch, key=None: fn(params, batch, plan.spec, key)
     sharded = backprop.data_parallel(fn, parallel.DATA, plan.layout.data_size)
-    return jax.shard_map(lambda params, batch, key, state=None: sharded(params, batch, plan.spec, key, state),
-                         mesh=plan.layout.mesh, in_specs=(P(), P(parallel.DATA), P(), P()), out_specs=P())
+    return jax.shard_map(lambda params, batch, key: sharded(params, batch, plan.spec, key), mesh=plan.layout.mesh,
+                         in_specs=(P(), P(parallel.DATA), P()), out_specs=P())
 
 
 # --- the compiled chunk -------------------------------------------------------------------------

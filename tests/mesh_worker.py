@@ -24,6 +24,10 @@ DENSE = dict(layer_sizes=(784, 16, 10), init="glorot", optimizer="sgd", learning
              eval_every=50)
 CONV = dict(layers="conv3x3:4,maxpool2,dense:10", init="he", optimizer="momentum", learning_rate=0.05, batch_size=8,
             steps=20, eval_every=10)
+# Batch norm's statistics come from the global batch: the forward's sums and the backward's two
+# sums are all-reduced over the data axis, so D devices must equal one.
+BATCHNORM = dict(CONV, learning_rate=0.01, layers="conv3x3:4:same,batchnorm,relu,res(conv3x3:4:same,batchnorm,relu,conv3x3:4:same),"
+                               "maxpool2,dense:10")
 
 
 def synthetic(n: int = 512, seed: int = 0) -> data.Dataset:
@@ -35,11 +39,13 @@ def synthetic(n: int = 512, seed: int = 0) -> data.Dataset:
     return data.Dataset("synthetic", "test", split(0, n), split(n, n + 32), validation=split(n + 32, n + 64))
 
 
-def train_on(config: Config, dataset: data.Dataset, devices: int):
-    """Final params (host numpy) and the plan's layout after training on `devices` devices."""
+def train_on(config: Config, dataset: data.Dataset, devices: int, with_state: bool = False):
+    """Final params (host numpy; with_state: (params, model state)) and the plan's layout after
+    training on `devices` devices."""
     plan = train.Plan.create(config, dataset, jax.devices()[:devices])
     result = train.fit(plan, plan.init_state(), train.device_splits(dataset, plan.layout))
-    return jax.tree.map(np.asarray, result.state.params), plan.layout
+    found = (result.state.params, result.state.model_state) if with_state else result.state.params
+    return jax.tree.map(np.asarray, found), plan.layout
 
 
 def max_difference(a, b) -> float:
@@ -79,6 +85,11 @@ def data_parallel() -> dict:
     conv_reference, _ = train_on(Config(**CONV, num_devices=1), dataset, 1)
     params, layout = train_on(Config(**CONV, num_devices=4), dataset, 8)
     out["conv_D4"] = {"diff": max_difference(params, conv_reference), "mesh": [layout.model_size, layout.data_size]}
+    for grad in ("manual", "autodiff"):
+        bn_reference, _ = train_on(Config(**BATCHNORM, grad=grad, num_devices=1), dataset, 1, with_state=True)
+        found, layout = train_on(Config(**BATCHNORM, grad=grad, num_devices=4), dataset, 8, with_state=True)
+        out[f"batchnorm_{grad}_D4"] = {"diff": max_difference(found, bn_reference), "scale": largest(bn_reference[1]),
+                                       "mesh": [layout.model_size, layout.data_size]}
     full = dict(DENSE, optimizer="gd", batch_size=0, steps=20)
     full_reference, _ = train_on(Config(**full, num_devices=1), dataset, 1)
     params, layout = train_on(Config(**full, num_devices=8), dataset, 8)
@@ -93,6 +104,10 @@ def models() -> dict:
     reference, _ = train_on(dataclasses.replace(seeds, num_devices=1), dataset, 1)
     params, layout = train_on(seeds, dataset, 8)
     out["seeds_K8_D8"] = {"diff": max_difference(params, reference), "mesh": [layout.model_size, layout.data_size]}
+    bn_seeds = Config(**BATCHNORM, num_seeds=2)
+    reference, _ = train_on(dataclasses.replace(bn_seeds, num_devices=1), dataset, 1, with_state=True)
+    found, layout = train_on(bn_seeds, dataset, 8, with_state=True)
+    out["batchnorm_K2_D8"] = {"diff": max_difference(found, reference), "mesh": [layout.model_size, layout.data_size]}
     sweep = Config(**DENSE, num_seeds=2, shared_data_order=True, sweep_learning_rates=(0.05, 0.1))
     reference, _ = train_on(dataclasses.replace(sweep, num_devices=1), dataset, 1)
     params, layout = train_on(sweep, dataset, 8)

@@ -83,6 +83,16 @@ def test_conv_net_and_full_batch_train_data_parallel(data_parallel):
     assert data_parallel["full_batch_D8"]["mesh"] == [1, 8] and data_parallel["full_batch_D8"]["diff"] < FLOAT32_ATOL
 
 
+@pytest.mark.parametrize("grad", ["manual", "autodiff"])
+def test_batchnorm_statistics_are_all_reduced_over_the_data_axis(data_parallel, grad):
+    found = data_parallel[f"batchnorm_{grad}_D4"]
+    assert found["mesh"] == [1, 4] and found["diff"] < FLOAT32_ATOL and found["scale"] > 0.1
+
+
+def test_batchnorm_seeds_on_a_two_axis_mesh(models):
+    assert models["batchnorm_K2_D8"]["mesh"] == [2, 4] and models["batchnorm_K2_D8"]["diff"] < FLOAT32_ATOL
+
+
 def test_eight_seeds_on_eight_devices_equal_the_vmapped_run(models):
     assert models["seeds_K8_D8"]["mesh"] == [8, 1]
     assert models["seeds_K8_D8"]["diff"] < 1e-4  # one model per device vs 8 vmapped: other fusions

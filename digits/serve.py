@@ -333,8 +333,9 @@ class Server(http.server.ThreadingHTTPServer):
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
-def make_server(analyser: Analyser, host: str = "127.0.0.1", port: int = 0) -> Server:
-    """A server bound to host:port (port 0: a free one); UsageError when it cannot bind."""
+def make_server(analyser: Analyser | None, host: str = "127.0.0.1", port: int = 0) -> Server:
+    """A server bound to host:port (port 0: a free one); UsageError when it cannot bind. It
+    answers once `serve_forever` runs, with `server.analyser` set by then."""
     try:
         return Server((host, port), analyser)
     except OSError as e:
@@ -342,19 +343,20 @@ def make_server(analyser: Analyser, host: str = "127.0.0.1", port: int = 0) -> S
 
 
 def run(workdir: pathlib.Path, host: str = "127.0.0.1", port: int = 8000, given: dict | None = None) -> None:
-    """--mode=serve: loads and compiles the models, then serves until Ctrl-C."""
-    analyser = load(workdir, given)
-    compile_s = analyser.warm_up()
-    server = make_server(analyser, host, port)
-    info = analyser.info
-    models = f"ensemble of {info['models']} models" if info["models"] > 1 else "one model"
-    print(f"Model: {info['network']} {info['activation']}/{info['output']} from {workdir}, {models} "
-          f"(compiled in {compile_s:.2f} s)")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"Listening on {host}: anyone who can reach this address can use the page")
-    print(f"Serving the drawing page at {server.url} (Ctrl-C stops)", flush=True)
+    """--mode=serve: binds the port (a port in use fails at once), loads and compiles the models,
+    then serves until Ctrl-C."""
+    server = make_server(None, host, port)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     try:
+        server.analyser = load(workdir, given)
+        compile_s = server.analyser.warm_up()
+        info = server.analyser.info
+        models = f"ensemble of {info['models']} models" if info["models"] > 1 else "one model"
+        print(f"Model: {info['network']} {info['activation']}/{info['output']} from {workdir}, {models} "
+              f"(compiled in {compile_s:.2f} s)")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"Listening on {host}: anyone who can reach this address can use the page")
+        print(f"Serving the drawing page at {server.url} (Ctrl-C stops)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the shutdown

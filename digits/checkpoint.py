@@ -274,12 +274,16 @@ def _corrupt(path: pathlib.Path, error: BaseException) -> CheckpointError:
     )
 
 
-def _stored_specs(manager, step: int) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-    """{normalised leaf path: (shape, dtype)} as recorded in checkpoint `step`."""
+def _stored_tree(manager, step: int):
+    """The tree of leaf metadata (shape, dtype) recorded in checkpoint `step`, in its on-disk structure."""
     tree = manager.item_metadata(step)[STATE_ITEM]
     if tree is None:
         raise ValueError(f"no {STATE_ITEM!r} item")
-    tree = getattr(tree, "tree", tree)  # orbax >= 0.11 wraps the tree in a TreeMetadata
+    return getattr(tree, "tree", tree)  # orbax >= 0.11 wraps the tree in a TreeMetadata
+
+
+def _stored_specs(tree) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """{normalised leaf path: (shape, dtype)} of a stored tree."""
     return {
         _normalised(path): (tuple(int(d) for d in leaf.shape), np.dtype(leaf.dtype))
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -378,19 +382,23 @@ def restore(directory, template, step: int | None = None) -> tuple[Any, dict]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     paths = [_normalised(p) for p, _ in leaves]
     expected = {p: _spec(leaf) for p, (_, leaf) in zip(paths, leaves)}
-    abstract = jax.tree_util.tree_unflatten(treedef, [_abstract(leaf) for _, leaf in leaves])
+    abstract_by_path = {p: _abstract(leaf) for p, (_, leaf) in zip(paths, leaves)}
 
     import orbax.checkpoint as ocp
 
-    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract), METADATA_ITEM: ocp.args.JsonRestore(),
-                                 DIGEST_ITEM: ocp.args.JsonRestore()})
     _hide_orbax_read_noise()
     with _quiet_orbax(), _manager(directory) as manager:
         try:
-            stored = _stored_specs(manager, step)
+            stored_tree = _stored_tree(manager, step)
+            stored = _stored_specs(stored_tree)
         except Exception as e:  # missing / garbled metadata files: tensorstore, JSON, OS errors
             raise _corrupt(path, e) from e
         _check_matches_template(path, stored, expected)
+        # Restored in the structure on disk, leaf by leaf onto the template's: containers without
+        # leaves may differ (a checkpoint of digits 0.2 has no model_state, an empty list now).
+        abstract = jax.tree_util.tree_map_with_path(lambda p, _: abstract_by_path[_normalised(p)], stored_tree)
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract), METADATA_ITEM: ocp.args.JsonRestore(),
+                                     DIGEST_ITEM: ocp.args.JsonRestore()})
         try:
             restored = manager.restore(step, args=args)
         except Exception as e:  # shapes, dtypes and shardings are checked by now: the bytes are bad

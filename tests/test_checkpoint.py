@@ -343,3 +343,27 @@ def test_a_relative_directory_works(tmp_path, monkeypatch):
     assert checkpoint.list_steps("relative/checkpoints") == [5]
     restored, _ = checkpoint.restore("relative/checkpoints", {"w": np.zeros((2, 3), np.float32)})
     np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+class StateWithModelState(NamedTuple):
+    """The state of a later version: one more field, which holds no leaves for most models."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+    model_state: Any
+
+
+def test_a_checkpoint_without_a_leafless_field_restores_into_a_template_with_it(tmp_path):
+    """digits 0.2 checkpoints have no model_state; this version's template has [{}, {}] there."""
+    state = make_state()
+    checkpoint.save(tmp_path, 7, state)
+    template = StateWithModelState(*zeros_like_state(state), model_state=[{}, {}])
+    restored, _ = checkpoint.restore(tmp_path, template)
+    assert isinstance(restored, StateWithModelState) and restored.model_state == [{}, {}]
+    chex.assert_trees_all_equal(restored.params, state.params)
+    # and the other way: a state with leaves there does not restore into one without them
+    checkpoint.save(tmp_path / "new", 7, StateWithModelState(*state, model_state=[{"mean": jnp.ones(3)}]))
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.restore(tmp_path / "new", template)

@@ -15,18 +15,7 @@ from jax.test_util import check_grads
 
 from digits import backprop, checkpoint, data, gradcheck, layers, model, train
 from digits.config import Config
-
-
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
-
-def _relative_error(manual, auto):
-    sq = lambda t: sum(float(jnp.sum(jnp.asarray(leaf, jnp.float64) ** 2)) for leaf in jax.tree.leaves(t))  # noqa: E731
-    return (sq(jax.tree.map(lambda m, a: m - a, manual, auto)) / sq(auto)) ** 0.5
+from test_layers import _relative_error, float64  # noqa: F401 (the module's float64 fixture)
 
 
 def _random_params(layer, shape, rng):

@@ -7,32 +7,12 @@ import textwrap
 
 import pytest
 
-from cli import ENV, run_cli
+from cli import ENV, ROOT, run_cli
 from digits import layers
 from digits.config import Config
 
-# The contract: docs/layers.md shows exactly this module.
-GAIN = textwrap.dedent('''\
-    # my_layers.py
-    import dataclasses
-    import jax.numpy as jnp
-    from digits import layers
-
-    @layers.register("gain")
-    @dataclasses.dataclass(frozen=True)
-    class Gain(layers.Layer):
-        """gain: y = x * g, one learned g per channel (the last axis)."""
-
-        def init(self, key, in_shape, dtype):
-            return {"g": jnp.ones(in_shape[-1:], dtype)}
-
-        def forward(self, params, x, key=None):
-            return x * params["g"], x  # (y, what backward needs)
-
-        def backward(self, params, x, dy, need_dx=True):
-            grads = {"g": jnp.sum(dy * x, axis=tuple(range(x.ndim - 1)))}
-            return grads, (dy * params["g"] if need_dx else None)
-    ''')
+# The contract: docs/layers.md shows exactly this module, which is the file tested here.
+GAIN = (ROOT / "docs" / "examples" / "my_layers.py").read_text()
 
 # Another user kind with an argument and a deliberately wrong backward (dg twice too large).
 WRONG = textwrap.dedent('''\

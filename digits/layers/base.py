@@ -53,6 +53,7 @@ class Layer:
     activated: ClassVar[bool] = False  # the implicit --activation follows it (dense, conv, res)
     is_activation: ClassVar[bool] = False  # naming one in a stack turns the implicit activation off
     needs_image: ClassVar[bool] = False  # its input must be (H, W, C)
+    token_usage: ClassVar[str] = ""  # the token's form for --help, when not derived from the fields
     stateful: ClassVar[bool] = False  # keeps model state (init_state / next_state / infer_forward)
     uses_key: ClassVar[bool] = False  # its training forward draws from `key` (dropout)
 
@@ -86,6 +87,8 @@ class Layer:
     @classmethod
     def usage(cls) -> str:
         """The token's form for --help and errors, e.g. `leaky_relu[:alpha]`."""
+        if cls.token_usage:
+            return cls.token_usage
         parts = [cls.name]
         for f in dataclasses.fields(cls):
             optional = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING

@@ -30,16 +30,13 @@ class Conv(base.Layer):
     filters: int
     stride: int = 1
     padding: str = "valid"
+    token_usage = "convKHxKW:F[:sS][:same]"
     activated = True
     needs_image = True
 
     @classmethod
     def matches(cls, head: str) -> bool:
         return re.fullmatch(r"conv\d+x\d+", head) is not None
-
-    @classmethod
-    def usage(cls) -> str:
-        return "convKHxKW:F[:sS][:same]"
 
     @classmethod
     def from_token(cls, token: str) -> Conv:

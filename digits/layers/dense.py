@@ -38,11 +38,7 @@ class Dense(base.Layer):
     """dense:N. x: (B, n_in) or (B, H, W, C), flattened -> y: (B, N); params {"w": (n_in, N), "b": (N,)}."""
 
     units: int
-
-    @classmethod
-    def usage(cls) -> str:
-        return "dense:N"
-
+    token_usage = "dense:N"
     activated = True  # the hidden activation follows it (unless it is the last layer)
 
     def __post_init__(self):

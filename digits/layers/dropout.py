@@ -15,11 +15,7 @@ class Dropout(base.Layer):
     """dropout:R. x: any shape -> y of the same shape; the identity without a key."""
 
     rate: float
-
-    @classmethod
-    def usage(cls) -> str:
-        return "dropout:R"
-
+    token_usage = "dropout:R"
     uses_key = True
 
     def __post_init__(self):

@@ -24,6 +24,7 @@ class Residual(base.Layer):
 
     body: tuple
     activation: base.Layer | None = None  # the implicit activation inside the body (set by the model)
+    token_usage = "res(<layers>)"
     activated = True
 
     @classmethod
@@ -37,10 +38,6 @@ class Residual(base.Layer):
     @classmethod
     def matches(cls, head: str) -> bool:
         return head == "res"
-
-    @classmethod
-    def usage(cls) -> str:
-        return "res(<layers>)"
 
     @property
     def text(self) -> str:

@@ -31,12 +31,14 @@ from digits.layers import stack
 
 
 def output_delta(z: jax.Array, y: jax.Array, spec: model.ModelSpec) -> jax.Array:
-    """dC/dz_L for one example per row (not yet divided by B). z, y: (B, C) -> (B, C)."""
+    """dC/dz_L for one example per row (not yet divided by B). z, y: (B, C) -> (B, C); y are the
+    targets, one-hot or label-smoothed (`losses.targets`)."""
     a = model.activate(z, spec.output)
     if spec.cost == "cross_entropy":
-        # Softmax + categorical CE and sigmoid + binary CE both collapse to A - Y.
+        # Softmax + categorical CE: dC/dz = A sum(Y) - Y, which is A - Y for targets that sum to 1
+        # (one-hot and smoothed alike). Sigmoid + binary CE: A - Y per unit, for any Y in [0, 1].
         return a - y
-    g = a - y  # dC/da for the quadratic cost 0.5 ||a - y||^2
+    g = a - y  # dC/da for the quadratic cost 0.5 ||a - y||^2 (any targets)
     if spec.output == "sigmoid":
         return g * a * (1 - a)
     # Softmax Jacobian J = diag(a) - a a^T, applied row by row: J^T g = a * (g - <g, a>).
@@ -53,7 +55,7 @@ def value_and_grad(params, batch: tuple[jax.Array, jax.Array], spec: model.Model
     x, labels = batch
     fwd = model.forward(params, x, spec, dropout_key)
     z = fwd.logits
-    y = losses.one_hot(labels, spec.num_classes, z.dtype)
+    y = losses.targets(labels, spec, z.dtype)
     loss = losses.cost_from_logits(z, y, spec)
     if spec.l2:
         loss = loss + losses.l2_penalty(params, spec.l2)

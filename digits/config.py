@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 GRADS = ("manual", "autodiff", "both")
 OPTIMIZERS = ("gd", "sgd", "momentum", "nesterov", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine", "one_cycle")
+SELECTIONS = ("final", "best_validation")
 MODES = ("train", "gradcheck", "eval", "predict", "benchmark", "results", "serve")
 SOURCES = ("auto", "packaged", "idx", "tfds")
 DATASETS = ("mnist", "fashion_mnist", "kmnist")
@@ -131,6 +132,9 @@ class Config:
     l2: float = option(0.0, "L2 penalty coefficient: loss += 0.5 * l2 * sum(w^2).", lower=0)
     l2_over_train_size: bool = option(False, "Use l2 / n as the coefficient, n the training-set size "
                                       "(Nielsen's lambda / n; formerly --l2_per_example).")
+    label_smoothing: float = option(0.0, "Train on targets (1 - s) one_hot + s / C (C classes) instead of one_hot, "
+                                    "in the loss and in the hand-derived output delta; evaluation losses stay "
+                                    "against one_hot.", lower=0, below=1)
     # optimisation
     grad: str = option("manual", "manual: hand-derived backprop; autodiff: jax.grad; both: train on manual, "
                        "audit against jax.grad.", choices=GRADS, group="optimisation")
@@ -138,8 +142,17 @@ class Config:
     learning_rate: float = option(0.1, "Learning rate.", above=0)
     momentum: float = option(0.9, "Momentum for momentum / nesterov.", lower=0, below=1)
     weight_decay: float = option(1e-4, "Decoupled weight decay for adamw.", lower=0)
-    schedule: str = option("constant", "Learning-rate schedule.", choices=SCHEDULES)
-    warmup_steps: int = option(0, "Warm-up steps for warmup_cosine.", lower=0)
+    adam_b1: float = option(0.9, "Adam's beta1, the decay of its first moment (adam, adamw).", lower=0, below=1)
+    adam_b2: float = option(0.999, "Adam's beta2, the decay of its second moment (adam, adamw).", lower=0, below=1)
+    adam_eps: float = option(1e-8, "Adam's epsilon, added to the root of the second moment (adam, adamw).", above=0)
+    schedule: str = option("constant", "Learning-rate schedule. one_cycle: cosine from lr / one_cycle_div_factor up to "
+                           "--learning_rate at step --warmup_steps (0: at 30% of the run), then cosine down to lr / "
+                           "(one_cycle_div_factor * one_cycle_final_div_factor) at the last step (Smith's one-cycle, "
+                           "optax's cosine_onecycle_schedule, PyTorch's OneCycleLR defaults).", choices=SCHEDULES)
+    warmup_steps: int = option(0, "Warm-up steps for warmup_cosine; for one_cycle, the step of the peak (0: 30% of "
+                               "the steps).", lower=0)
+    one_cycle_div_factor: float = option(25.0, "one_cycle starts at --learning_rate / this.", lower=1)
+    one_cycle_final_div_factor: float = option(1e4, "one_cycle ends at its start / this.", lower=1)
     decay_rate: float = option(0.5, "Factor per --decay_steps for the exponential schedule.", above=0)
     decay_steps: int = option(0, "Steps per decay_rate factor (0: one epoch).", lower=0)
     batch_size: int = option(0, "Mini-batch size (0: full batch).", lower=0)
@@ -151,6 +164,17 @@ class Config:
                              lower=0, fingerprint=False)
     audit_every: int = option(0, "With --grad=both: compare manual with jax.grad every N steps (0: at every "
                              "evaluation).", lower=0)
+    ema_decay: float = option(0.0, "Keep an exponential moving average of the parameters and of the model state "
+                              "(batch-norm statistics) with this decay per step, e.g. 0.999, and evaluate, checkpoint "
+                              "and serve it (0: off). Debiased: at step t it is the average of the steps' values "
+                              "weighted d^(t - i), normalised by 1 - d^t.", lower=0, below=1)
+    target_accuracy: float = option(0.0, "End training at the first evaluation whose validation accuracy (the mean "
+                                    "over the models) reaches this; summary.json records its step and time (0: off; "
+                                    "--eval_every sets how often it is looked at).", lower=0, upper=1,
+                                    fingerprint=False)
+    select: str = option("final", "Which model the run reports as its own and eval, predict and serve use: final, or "
+                         "best_validation, each model at the evaluation of its best validation accuracy (kept in "
+                         "<workdir>/best; its test accuracy is reported beside the final one's).", choices=SELECTIONS)
     seed: int = option(0, "Seed of the initialisation and the data order.", lower=0)
     x64: bool = option(False, "Train and check gradients in float64.")
     num_seeds: int = option(1, "Train K models (seeds seed..seed+K-1) at once with jax.vmap.", lower=1)
@@ -330,6 +354,10 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _default(name: str):
+    return next(f.default for f in fields() if f.name == name)
+
+
 def _check_combination(c: Config) -> None:
     """Rules that involve several fields; the per-field bounds are checked from the declarations."""
     _require(len(c.layer_sizes) >= 2 and min(c.layer_sizes) >= 1,
@@ -350,7 +378,17 @@ def _check_combination(c: Config) -> None:
     _require(len(set(c.sweep_learning_rates)) == len(c.sweep_learning_rates), "sweep_learning_rates repeats a value")
     _require(not (c.schedule == "warmup_cosine" and c.epochs == 0 and c.warmup_steps >= c.steps),
              f"warmup_steps={c.warmup_steps} must be below steps={c.steps} for warmup_cosine")
-    _require(not (c.warmup_steps and c.schedule != "warmup_cosine"), "warmup_steps needs schedule=warmup_cosine")
+    _require(not (c.schedule == "one_cycle" and c.epochs == 0 and c.warmup_steps >= c.steps),
+             f"warmup_steps={c.warmup_steps} must be below steps={c.steps} for one_cycle")
+    _require(not (c.warmup_steps and c.schedule not in ("warmup_cosine", "one_cycle")),
+             "warmup_steps needs schedule=warmup_cosine or one_cycle")
+    for name in ("one_cycle_div_factor", "one_cycle_final_div_factor"):
+        _require(c.schedule == "one_cycle" or getattr(c, name) == _default(name), f"{name} needs schedule=one_cycle")
+    for name in ("adam_b1", "adam_b2", "adam_eps"):
+        _require(c.optimizer in ("adam", "adamw") or getattr(c, name) == _default(name),
+                 f"{name} needs optimizer=adam or adamw")
+    for name, value in (("target_accuracy", c.target_accuracy), ("select", c.select != "final")):
+        _require(not (value and c.validation_size == 0), f"{name} needs a validation split: validation_size > 0")
     _require(not (c.decay_steps and c.schedule != "exponential"), "decay_steps needs schedule=exponential")
     _require(not (c.train_examples and c.batch_size > c.train_examples),
              f"batch_size={c.batch_size} exceeds train_examples={c.train_examples}")

@@ -17,8 +17,17 @@ def one_hot(labels: jax.Array, num_classes: int, dtype) -> jax.Array:
     return jax.nn.one_hot(labels, num_classes, dtype=dtype)
 
 
+def targets(labels: jax.Array, spec: model.ModelSpec, dtype) -> jax.Array:
+    """The training targets: labels int (B,) -> (1 - s) one_hot + s / C, (B, C), with s the spec's
+    label smoothing. Each row still sums to 1, which the output delta A - Y relies on."""
+    y = one_hot(labels, spec.num_classes, dtype)
+    s = spec.label_smoothing
+    return (1 - s) * y + s / spec.num_classes if s else y
+
+
 def cost_from_logits(z: jax.Array, y: jax.Array, spec: model.ModelSpec) -> jax.Array:
-    """Mean cost over the batch. z: (B, C) output pre-activations, y: (B, C) one-hot targets."""
+    """Mean cost over the batch. z: (B, C) output pre-activations, y: (B, C) targets (one-hot, or
+    smoothed by `targets`)."""
     if spec.cost == "quadratic":  # Nielsen's network.py: 0.5 * ||a - y||^2
         per_example = 0.5 * jnp.sum((model.activate(z, spec.output) - y) ** 2, axis=-1)
     elif spec.output == "softmax":  # -sum y log softmax(z)
@@ -51,7 +60,7 @@ def loss(params, batch: tuple[jax.Array, jax.Array], spec: model.ModelSpec, drop
     dropout_key is given. With the model `state`, returns (loss, the state after this step)."""
     x, labels = batch
     fwd = model.forward(params, x, spec, dropout_key)
-    value = cost_from_logits(fwd.logits, one_hot(labels, spec.num_classes, fwd.logits.dtype), spec)
+    value = cost_from_logits(fwd.logits, targets(labels, spec, fwd.logits.dtype), spec)
     if spec.l2:
         value = value + l2_penalty(params, spec.l2)
     return value if state is None else (value, model.next_state(spec, state, fwd))

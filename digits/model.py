@@ -59,7 +59,8 @@ class ModelSpec:
     axis ((784,) for an MLP, (28, 28, 1) for a conv stack); activation: the implicit hidden
     nonlinearity (ignored when the stack names activation layers); output: the output
     nonlinearity; cost: per-example cost; l2: coefficient of the penalty 0.5 * l2 * sum(w**2)
-    over every weight named "w" (dense, conv, projections; never biases or normalization scales).
+    over every weight named "w" (dense, conv, projections; never biases or normalization scales);
+    label_smoothing: s, training targets (1 - s) one_hot + s / C (`losses.targets`).
     """
 
     layers: tuple
@@ -70,6 +71,7 @@ class ModelSpec:
     init: str = "uniform"
     init_scale: float = 0.5
     l2: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         stack_ = parse_layers(self.layers) if isinstance(self.layers, str) else tuple(self.layers)
@@ -89,6 +91,7 @@ class ModelSpec:
         _check(self.init in INITIALIZERS, f"unknown init {self.init!r}")
         _check(math.isfinite(self.init_scale), f"init_scale must be finite, got {self.init_scale}")
         _check(math.isfinite(self.l2) and self.l2 >= 0, f"l2 must be >= 0 and finite, got {self.l2}")
+        _check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         out = self.shapes[-1]  # walks the stack: raises on a kernel or window larger than its input
         # The logits come from a learned layer (dense, or a user kind the activation would follow).
         _check(len(out) == 1 and stack_[-1].activated,

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,9 @@ _STEP_STREAM = 0x7FFFFFFF  # fold_in(data_key, epoch) orders the data; this stre
 class TrainState(NamedTuple):
     """params: the model pytree; step: int32 (); learning_rate: float (); data_key: uint32 (2,);
     model_state: what the model keeps besides params (batch-norm statistics; [{}, ...] for most
-    models, which adds no leaves, so checkpoints of earlier versions restore unchanged)."""
+    models, which adds no leaves, so checkpoints of earlier versions restore unchanged);
+    ema: with --ema_decay, {"params", "model_state"}: their debiased exponential moving averages,
+    the model that is evaluated (`reported_model`); () without, which adds no leaves either."""
 
     params: list
     opt_state: optax.OptState
@@ -46,6 +48,28 @@ class TrainState(NamedTuple):
     learning_rate: jax.Array
     data_key: jax.Array
     model_state: list
+    ema: Any = ()
+
+
+def reported_model(state: TrainState) -> tuple[list, list]:
+    """(params, model state) that evaluation, checkpoints' readers and serving use: the moving
+    averages when the run keeps them (--ema_decay), else the trained values."""
+    if state.ema:
+        return state.ema["params"], state.ema["model_state"]
+    return state.params, state.model_state
+
+
+def ema_update(ema: dict, params, model_state, decay: float, step: jax.Array) -> dict:
+    """The moving averages after update `step` (1, 2, ...): ema += w (new - ema) with
+    w = (1 - d) / (1 - d^step), so the average weights step i by d^(step - i), normalised: it
+    is step 1's values after step 1, and w tends to 1 - d (`optax.incremental_update`). Batch-norm
+    statistics are averaged the same way as the params they go with."""
+    weight = (1 - decay) / (1 - jnp.power(jnp.asarray(decay, jnp.float32), step.astype(jnp.float32)))
+    new = {"params": params, "model_state": model_state}
+    def average(e, x):  # a user layer's integer state (a counter) is not averaged
+        return optax.incremental_update(x, e, weight.astype(x.dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(average, ema, new)
 
 
 class ChunkStats(NamedTuple):
@@ -214,7 +238,22 @@ def lr_multiplier(config: Config, total_steps: int, steps_per_epoch: int) -> opt
         return optax.cosine_decay_schedule(1.0, max(total_steps, 1))
     if config.schedule == "exponential":
         return optax.exponential_decay(1.0, config.decay_steps or steps_per_epoch, config.decay_rate)
+    if config.schedule == "one_cycle":
+        # optax.cosine_onecycle_schedule, with the peak at an exact step rather than a fraction.
+        total, div = max(total_steps, 1), config.one_cycle_div_factor
+        peak = one_cycle_peak(config, total)
+        return optax.schedules.piecewise_interpolate_schedule(
+            "cosine", 1.0 / div, {peak: div, total: 1.0 / (div * config.one_cycle_final_div_factor)})
     return optax.warmup_cosine_decay_schedule(0.0, 1.0, config.warmup_steps, max(total_steps, config.warmup_steps + 1))
+
+
+def one_cycle_peak(config: Config, total_steps: int) -> int:
+    """The step at which one_cycle reaches the full learning rate: --warmup_steps, or 30% of the
+    steps (PyTorch's pct_start). ValueError when it is not before the last step."""
+    peak = config.warmup_steps or int(0.3 * total_steps)
+    if peak >= total_steps:
+        raise ValueError(f"warmup_steps={peak} must be below the run's {total_steps} steps for one_cycle")
+    return peak
 
 
 def make_optimizer(config: Config, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -224,13 +263,14 @@ def make_optimizer(config: Config, total_steps: int, steps_per_epoch: int) -> op
     learning rate pulled out so K models with K learning rates can share one vmapped program.
     `gd` and `sgd` are one transformation; they differ only in the batch they are given.
     """
+    adam = optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
     direction = {
         "gd": optax.identity,
         "sgd": optax.identity,
         "momentum": lambda: optax.trace(decay=config.momentum),
         "nesterov": lambda: optax.trace(decay=config.momentum, nesterov=True),
-        "adam": optax.scale_by_adam,
-        "adamw": lambda: optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(config.weight_decay)),
+        "adam": lambda: adam,
+        "adamw": lambda: optax.chain(adam, optax.add_decayed_weights(config.weight_decay)),
     }[config.optimizer]()
     return optax.chain(direction, optax.scale_by_schedule(lr_multiplier(config, total_steps, steps_per_epoch)))
 
@@ -241,21 +281,27 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, data_key
 
 
-def init_state(seed: int, learning_rate: float, spec: model.ModelSpec, tx: optax.GradientTransformation, dtype) -> TrainState:
-    """A fresh state; init and data order both derive from `seed`."""
+def init_state(seed: int, learning_rate: float, spec: model.ModelSpec, tx: optax.GradientTransformation, dtype,
+               ema: bool = False) -> TrainState:
+    """A fresh state; init and data order both derive from `seed`. With `ema`, the moving
+    averages start at the initial values (they weigh nothing once a step is done)."""
     init_key, data_key = seed_keys(seed)
     params = model.init(init_key, spec, dtype)
+    model_state = model.init_state(spec, dtype)
+    averages = jax.tree.map(jnp.copy, {"params": params, "model_state": model_state}) if ema else ()
     return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jnp.asarray(learning_rate, dtype), data_key,
-                      model.init_state(spec, dtype))
+                      model_state, averages)
 
 
 def init_run_state(config: Config, spec: model.ModelSpec, tx, dtype) -> TrainState:
     """One state, or K = num_seeds x len(learning_rates) states stacked on a leading axis
     (lane i = (seed + s, lr), learning rates outermost). With shared_data_order every lane takes
     the data key of `seed`, so only the initialisations differ."""
+    ema = config.ema_decay > 0
     if config.num_models == 1:
-        return init_state(config.seed, config.learning_rate, spec, tx, dtype)
-    lanes = [init_state(config.seed + s, lr, spec, tx, dtype) for lr in config.learning_rates for s in range(config.num_seeds)]
+        return init_state(config.seed, config.learning_rate, spec, tx, dtype, ema)
+    lanes = [init_state(config.seed + s, lr, spec, tx, dtype, ema) for lr in config.learning_rates
+             for s in range(config.num_seeds)]
     if config.shared_data_order:
         lanes = [lane._replace(data_key=lanes[0].data_key) for lane in lanes]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *lanes)
@@ -379,7 +425,8 @@ def make_train_chunk(plan: Plan):
         stats = stats._replace(
             loss_sum=stats.loss_sum + loss, first_bad_step=jnp.where(bad, state.step, stats.first_bad_step)
         )
-        return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key, model_state), stats
+        ema = ema_update(state.ema, params, model_state, config.ema_decay, state.step + 1) if state.ema else ()
+        return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key, model_state, ema), stats
 
     wide = plan.shared_data and isinstance(spec.layers[0], layers.Dense)
 
@@ -459,13 +506,52 @@ def compile_chunk(plan: Plan, state, images, labels, perm):
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int = 10000):
-    """Returns evaluate(params, images, labels, model_state) -> (mean cost, accuracy, predictions
-    int32 (N,)), in evaluation mode (no dropout, running statistics).
+EVAL_MEMORY_BUDGET = 64 * 2**20  # bytes of evaluation temporaries per compiled evaluation
+MAX_EVAL_BATCH = 10000  # more per batch gains nothing measurable, even for small dense nets
 
-    Runs in fixed-size padded chunks (one compilation for every split). Works on one model;
-    `jax.vmap` it over stacked params and states for K models.
+
+def eval_bytes_per_example(spec: model.ModelSpec, dtype) -> int:
+    """An estimate of the temporaries evaluation holds per example: twice the largest of any top-
+    level layer's output plus its evaluation-mode cache (for a conv, its im2col patches), read
+    from `jax.eval_shape` of the forward pass (no compilation), so user layer kinds count too.
+
+    Twice: XLA keeps a layer's operand and result, and the patches with their source. Measured
+    with `compiled.memory_analysis()` (docs/training.md): the conv_15min net's temporaries are
+    256 KB per example against an estimate of 293 KB; 784-800-800-10's 6.4 KB against 19 KB (an
+    overestimate for residual blocks, whose caches hold their whole body).
     """
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec, dtype))
+    state = jax.eval_shape(lambda: model.init_state(spec, dtype))
+    x = jax.ShapeDtypeStruct((1,) + spec.input_shape, dtype)
+    caches = jax.eval_shape(lambda p, s, x: model.forward(p, x, spec, state=s).caches, params, state, x)
+    itemsize = jnp.dtype(dtype).itemsize
+
+    def nbytes(tree) -> int:
+        return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+    per_layer = [nbytes(cache) + math.prod(shape) * itemsize for cache, shape in zip(caches, spec.shapes)]
+    return 2 * max(per_layer + [nbytes(x)])
+
+
+def eval_batch_size(spec: model.ModelSpec, dtype, models: int = 1, budget: int = EVAL_MEMORY_BUDGET) -> int:
+    """Examples per evaluated batch so that K = `models` vmapped models keep their temporaries
+    within `budget` bytes: 224 for the conv_15min net (65 MB measured, against 2.56 GB in batches
+    of 10,000), 3495 for 784-800-800-10 (29 MB); at most MAX_EVAL_BATCH, at least 1."""
+    return int(max(1, min(MAX_EVAL_BATCH, budget // (models * eval_bytes_per_example(spec, dtype)))))
+
+
+def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int | None = None):
+    """Returns evaluate(params, images, labels, model_state) -> (mean cost, accuracy, predictions
+    int32 (N,)), in evaluation mode (no dropout, running statistics). The cost is the plain one,
+    against one-hot labels (label smoothing is a training objective, not a metric).
+
+    Runs in padded batches of at most `eval_batch` examples (default: `eval_batch_size`), sized
+    evenly (N = 10000 in batches of at most 224 is 45 batches of 223, 35 padding images), one
+    compilation per split size. Every example's outputs are computed alone (rows of matmuls), so
+    the batch size changes no prediction. Works on one model; `jax.vmap` it over stacked params
+    and states for K models (and give `eval_batch` for K: temporaries grow K-fold).
+    """
+    eval_batch = eval_batch or eval_batch_size(spec, dtype)
 
     def chunk_outputs(params, model_state, images, labels):
         z = model.logits(params, model.inputs(images, spec, dtype), spec, state=model_state)
@@ -475,7 +561,7 @@ def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int = 10000):
 
     def evaluate(params, images, labels, model_state):
         n = images.shape[0]
-        size = min(eval_batch, n)
+        size = -(-n // -(-n // min(eval_batch, n)))  # ceil(n / batches), batches = ceil(n / eval_batch)
         pad = (-n) % size
         images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
         labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
@@ -491,26 +577,30 @@ def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int = 10000):
 
 
 class Evaluator:
-    """Compiled evaluation of one model or K stacked models, compile time kept apart."""
+    """Compiled evaluation of one model or K stacked models, compile time kept apart. Batches are
+    sized by memory (`eval_batch_size`, for the K models together)."""
 
     def __init__(self, spec, dtype, vmapped: bool, layout: parallel.Layout = parallel.SINGLE):
-        self.spec = spec
-        fn = make_evaluate(spec, dtype)
-        fn = jax.vmap(fn, in_axes=(0, None, None, 0)) if vmapped else fn
-        # On a mesh the results come back replicated, so every process can read them.
-        self.fn = jax.jit(fn) if layout.mesh is None else jax.jit(fn, out_shardings=layout.sharding(P()))
+        self.spec, self.dtype, self.vmapped, self.layout = spec, dtype, vmapped, layout
         self.compiled = {}
         self.compile_s = 0.0
         self.eval_s = 0.0
+
+    def _jitted(self, models: int):
+        fn = make_evaluate(self.spec, self.dtype, eval_batch_size(self.spec, self.dtype, models))
+        fn = jax.vmap(fn, in_axes=(0, None, None, 0)) if self.vmapped else fn
+        # On a mesh the results come back replicated, so every process can read them.
+        return jax.jit(fn) if self.layout.mesh is None else jax.jit(fn, out_shardings=self.layout.sharding(P()))
 
     def __call__(self, params, images, labels, model_state=None):
         """model_state: required for models that keep state (batch norm); None otherwise."""
         if model_state is None:
             model_state = model.eval_state(self.spec, None)
-        key = images.shape
+        models = jax.tree.leaves(params)[0].shape[0] if self.vmapped else 1
+        key = (models, images.shape)
         if key not in self.compiled:
             start = time.perf_counter()
-            self.compiled[key] = self.fn.lower(params, images, labels, model_state).compile()
+            self.compiled[key] = self._jitted(models).lower(params, images, labels, model_state).compile()
             self.compile_s += time.perf_counter() - start
         start = time.perf_counter()
         loss, accuracy, predictions = jax.device_get(self.compiled[key](params, images, labels, model_state))
@@ -589,6 +679,41 @@ class Hooks:
         """One of K models diverged; the others go on."""
 
 
+class BestValidation:
+    """Per model, the state at the evaluation of its highest validation accuracy so far (the
+    earliest one on ties; diverged models never improve): `--select=best_validation`.
+
+    state: a copy of the training state (K models: each lane from its own best evaluation), or
+    None before the first; accuracy, step: float64 (K,) and int (K,), -inf and -1 before it.
+    `fit` calls `update` at every evaluation; `changed` says whether the last one improved any
+    model (then the application saves `state`). Restore one with the saved state and arrays."""
+
+    def __init__(self, num_models: int, state=None, accuracy=None, step=None):
+        self.state = state
+        self.accuracy = np.full(num_models, -np.inf) if accuracy is None else np.asarray(accuracy, np.float64)
+        self.step = np.full(num_models, -1) if step is None else np.asarray(step, np.int64)
+        self.changed = False
+
+    def update(self, step: int, state: TrainState, accuracy) -> bool:
+        accuracy = np.atleast_1d(np.asarray(accuracy, np.float64))
+        improved = np.isfinite(accuracy) & (accuracy > self.accuracy)
+        self.changed = bool(improved.any())
+        if not self.changed:
+            return False
+        if self.state is None or improved.all():  # a copy: the next chunk donates `state`
+            self.state = jax.tree.map(jnp.copy, state)
+        else:
+            pick = lambda best, new: jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, best)  # noqa: E731
+            self.state = jax.tree.map(pick, self.state, state)
+        self.accuracy = np.where(improved, accuracy, self.accuracy)
+        self.step = np.where(improved, step, self.step)
+        return True
+
+    def to_dict(self) -> dict:
+        """What restores the tracker with the state (checkpoint metadata)."""
+        return {"validation_accuracy": self.accuracy.tolist(), "step": self.step.tolist()}
+
+
 @dataclasses.dataclass
 class FitResult:
     state: TrainState
@@ -598,6 +723,8 @@ class FitResult:
     steps_done: int
     audit: dict
     evaluator: Evaluator
+    target: dict | None = None  # {"step", "validation_accuracy"} when --target_accuracy was reached
+    best: BestValidation | None = None
 
     def timings(self, plan: Plan) -> dict:
         per_step = self.train_s / self.steps_done if self.steps_done else None
@@ -643,27 +770,44 @@ def metrics_record(plan: Plan, state, step: int, loss: float, results: dict, exa
     }
 
 
-def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()) -> FitResult:
-    """Trains from `state` (fresh or restored: its step says where) to `plan.total_steps`.
+def _target_reached(plan: Plan, step: int, validation_accuracy) -> dict | None:
+    """The one rule of --target_accuracy: the mean validation accuracy over the models that did
+    not diverge (NaN) reaches it."""
+    accuracy = mean_over_models(validation_accuracy)
+    target = plan.config.target_accuracy
+    return {"step": step, "validation_accuracy": accuracy} if target and accuracy >= target else None
+
+
+def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = (),
+        best: BestValidation | None = None) -> FitResult:
+    """Trains from `state` (fresh or restored: its step says where) to `plan.total_steps`, or
+    with --target_accuracy to the first evaluation that reaches it (`FitResult.target`; a state
+    restored at an evaluation step that had reached it trains no further).
 
     device: `device_splits(dataset)`. Between chunks: divergence checks, the gradient audit,
-    `hooks.after_chunk`; at every evaluation, a metrics record to `hooks.after_eval`.
+    `hooks.after_chunk`; at every evaluation, `best.update` (if given) and then a metrics record
+    to `hooks.after_eval`. Evaluations use `reported_model(state)`.
     Raises `Diverged` when every model's loss is non-finite (the state before that chunk is gone:
     it was donated; checkpoints are the hooks' business).
     """
     step = host_step(state)
     evaluator = Evaluator(plan.spec, plan.dtype, plan.vmapped, plan.layout)
+    target = None
+    if plan.config.target_accuracy and 0 < step < plan.total_steps and step % plan.eval_every == 0:
+        params, model_state = reported_model(state)  # a run stopped at its target and resumed
+        found = evaluator.splits(params, device, ("validation",), model_state)
+        target = _target_reached(plan, step, found["validation_accuracy"])
     epoch = step // plan.steps_per_epoch
     perm = plan.permutation(epoch)
     start = time.perf_counter()
-    chunk = compile_chunk(plan, state, *device["train"], perm)
+    chunk = compile_chunk(plan, state, *device["train"], perm) if target is None else None
     compile_s = time.perf_counter() - start
 
     diverged = np.zeros(plan.config.num_models, bool)
     train_s, steps_done, loss_sum, loss_steps = 0.0, 0, 0.0, 0
     audit = {"count": 0, "max_violation": 0.0, "max_relative_error": 0.0, "max_abs_error": 0.0, "passed": True}
     auditing = plan.config.grad == "both" and plan.config.audit_every > 0
-    while step < plan.total_steps:
+    while step < plan.total_steps and target is None:
         if not plan.full_batch and step // plan.steps_per_epoch != epoch:
             epoch = step // plan.steps_per_epoch
             perm = plan.permutation(epoch)  # a fresh order every epoch
@@ -683,14 +827,20 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
         # Metrics before checkpoints: a run killed between the two resumes from the previous
         # checkpoint and drops the newer records, rather than missing this step's forever.
         if step % plan.eval_every == 0 or step == plan.total_steps:
-            results = evaluator.splits(state.params, device, ("train_subset", "validation"), state.model_state)
+            params, model_state = reported_model(state)
+            results = evaluator.splits(params, device, ("train_subset", "validation"), model_state)
             record = metrics_record(plan, state, step, loss_sum / max(loss_steps, 1), results,
                                     steps_done * plan.batch_size * plan.config.num_models / max(train_s, 1e-9))
             if auditing:
                 record.update({f"grad_audit_{k}": v for k, v in audit.items()})
+            if "validation_accuracy" in results:  # diverged models neither improve nor count
+                validation = np.where(diverged, np.nan, results["validation_accuracy"])
+                target = _target_reached(plan, step, validation)
+                if best is not None:
+                    best.update(step, state, validation)
             for hook in hooks:
                 hook.after_eval(step, state, record)
             loss_sum, loss_steps = 0.0, 0
         for hook in hooks:
             hook.after_chunk(step, state)
-    return FitResult(state, diverged, compile_s, train_s, steps_done, audit, evaluator)
+    return FitResult(state, diverged, compile_s, train_s, steps_done, audit, evaluator, target, best)

@@ -33,6 +33,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"  # --select=best_validation: the state of each model's best validation accuracy
 GRADCHECK_FILE = "gradcheck.json"
 EVAL_FILE = "eval.json"
 EVAL_CONFUSION_FILE = "eval_confusion_matrix.png"
@@ -42,7 +43,7 @@ PREPROCESSED_DIR = "preprocessed"
 # (and nothing else) before a new training run starts.
 OUTPUTS = {
     "train": (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "learning_curves.png", "confusion_matrix.png",
-              "misclassified.png", "tensorboard", CHECKPOINT_DIR),
+              "misclassified.png", "tensorboard", CHECKPOINT_DIR, BEST_DIR),
     "gradcheck": (GRADCHECK_FILE,),
     "eval": (EVAL_FILE, EVAL_CONFUSION_FILE),
     "predict": (PREDICTIONS_FILE, PREPROCESSED_DIR),
@@ -277,7 +278,7 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 
 # What each part of a run (one command that trained it) records of its time; a run's timings
-# are their sums, so they add up across resumes.
+# are their sums, so they add up across resumes. Its peak memory (peak_rss_bytes) is a maximum.
 PART_TIMINGS = ("compile_s", "eval_compile_s", "train_s", "eval_s", "steps_timed", "total_s")
 
 
@@ -290,7 +291,8 @@ def _fold_audits(audits: list[dict]) -> dict:
 def _total_timings(parts: list[dict], plan: train.Plan) -> dict:
     sums = {k: sum(p.get(k) or 0 for p in parts) for k in PART_TIMINGS}
     per_step = sums["train_s"] / sums["steps_timed"] if sums["steps_timed"] else None
-    return {**sums, "seconds_per_step": per_step,
+    peaks = [p["peak_rss_bytes"] for p in parts if p.get("peak_rss_bytes")]
+    return {**sums, "peak_rss_bytes": max(peaks) if peaks else None, "seconds_per_step": per_step,
             "seconds_per_epoch": per_step * plan.steps_per_epoch if per_step else None,
             "examples_per_s": plan.batch_size * plan.config.num_models / per_step if per_step else None}
 
@@ -300,8 +302,10 @@ class _WorkdirHooks(train.Hooks):
     the gradient check at init and the parts before this one), Ctrl-C, metrics, progress."""
 
     def __init__(self, plan: train.Plan, workdir: pathlib.Path, step: int, last_checkpoint, stop: dict,
-                 metrics: report.MetricsWriter, tensorboard: bool, record: dict):
+                 metrics: report.MetricsWriter, tensorboard: bool, record: dict,
+                 best: train.BestValidation | None = None):
         self.plan, self.ckpt_dir, self.stop = plan, workdir / CHECKPOINT_DIR, stop
+        self.best, self.best_dir = best, workdir / BEST_DIR
         self.last_checkpoint, self.metrics = last_checkpoint, metrics
         self.progress = Progress(plan.total_steps, step)
         self.tb = report.TensorBoardWriter(workdir / "tensorboard") if tensorboard and metrics else None
@@ -348,6 +352,8 @@ class _WorkdirHooks(train.Hooks):
         if self.tb:
             self.tb.scalars(step, record)
         self.progress.update(step, {"loss": record["loss"], "val_acc": record.get("validation_accuracy")})
+        if self.best is not None and self.best.changed:  # before the checkpoint of this step, as the metrics
+            checkpoint.save(self.best_dir, step, self.best.state, self.best.to_dict(), keep=1)
 
     def model_diverged(self, lane, error):
         logging.warning("model %d: %s; the other models go on", lane, error)
@@ -412,8 +418,12 @@ class _Existing:
 
 
 def _latest_checkpoint(workdir: pathlib.Path) -> int | None:
+    return _latest_checkpoint_in(workdir / CHECKPOINT_DIR)
+
+
+def _latest_checkpoint_in(directory: pathlib.Path) -> int | None:
     try:
-        return checkpoint.latest_step(workdir / CHECKPOINT_DIR)
+        return checkpoint.latest_step(directory)
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
 
@@ -451,6 +461,53 @@ def _existing_run(workdir: pathlib.Path, config: Config, plan: train.Plan) -> _E
     return _Existing(step, total, summary if summary is not None and summary.get("steps") == step else None)
 
 
+def _at_target(summary: dict, config: Config) -> bool:
+    """The run stopped where it reached a target at least as high as the config's."""
+    target = summary.get("target") or {}
+    return bool(config.target_accuracy and target.get("reached") and target["step"] == summary["steps"]
+                and target["validation_accuracy"] >= config.target_accuracy)
+
+
+def _restore_best(workdir: pathlib.Path, plan: train.Plan, resuming: bool) -> train.BestValidation:
+    """The best-validation tracker of a run: empty for a fresh one, else as its last save left it."""
+    best_dir = workdir / BEST_DIR
+    if not resuming or _latest_checkpoint_in(best_dir) is None:
+        return train.BestValidation(plan.config.num_models)
+    try:
+        state, saved = checkpoint.restore(best_dir, plan.init_state())
+    except checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    return train.BestValidation(plan.config.num_models, state, saved["validation_accuracy"], saved["step"])
+
+
+def _best_summary(plan: train.Plan, best: train.BestValidation, found: dict) -> dict:
+    """summary.json's best_validation: each model at its best validation accuracy (means over the
+    models; per model under across_models)."""
+    steps = best.step.tolist()
+    metrics = {k: v for k, v in found.items() if not k.endswith("_predictions")}
+    out = {"step": steps[0] if not plan.vmapped else steps, "epoch": steps[0] / plan.steps_per_epoch,
+           **{k: train.mean_over_models(v) for k, v in metrics.items()}}
+    if plan.vmapped:
+        out["epoch"] = [s / plan.steps_per_epoch for s in steps]
+        out["across_models"] = {k: train.summarise(np.where(best.step < 0, np.nan, v)) for k, v in metrics.items()}
+    return out
+
+
+def _target_summary(plan: train.Plan, parts: list[dict]) -> dict | None:
+    """summary.json's target: where the config's --target_accuracy was first reached (by a part
+    that stopped at it or at a higher one; with none, where any part's target was), and the run's
+    time up to there (the parts up to that one); None when no part had a target."""
+    target = plan.config.target_accuracy
+    for i, part in enumerate(parts):
+        if part.get("target") and part["target"]["validation_accuracy"] >= target:
+            times = _total_timings(parts[:i + 1], plan)
+            t = part["target"]
+            return {"accuracy": t["accuracy"], "reached": True, "step": t["step"],
+                    "epoch": t["step"] / plan.steps_per_epoch, "validation_accuracy": t["validation_accuracy"],
+                    **{k: times[k] for k in ("train_s", "eval_s", "compile_s", "eval_compile_s", "total_s")}}
+    return {"accuracy": target, "reached": False} if target else None
+
+
 def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: bool) -> dict:
     started = time.perf_counter()
     dataset = load_dataset(config)
@@ -461,8 +518,10 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
             print(f"Removed the old run's outputs from {workdir}: {', '.join(removed)}", flush=True)
         _sync("old outputs removed")
     existing = _existing_run(workdir, config, plan)
-    if existing.step == plan.total_steps and existing.summary is not None:
-        print(f"{workdir} holds a finished run ({existing.step} of {plan.total_steps} steps): nothing to do, "
+    if existing.summary is not None and (existing.step == plan.total_steps or _at_target(existing.summary, config)):
+        at = ("" if existing.step == plan.total_steps else
+              f", stopped at --target_accuracy={config.target_accuracy:g}; a higher one or none trains on")
+        print(f"{workdir} holds a finished run ({existing.step} of {plan.total_steps} steps{at}): nothing to do, "
               "nothing changed. A larger --epochs or --steps extends it; --overwrite starts afresh. Its results:")
         _print_final(existing.summary, workdir)
         return existing.summary
@@ -494,28 +553,38 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     record = {"fingerprint": config.training_fingerprint(), "gradient_check_at_init": gradient_check,
               "parts": existing.parts(metadata)}
 
+    best = _restore_best(workdir, plan, existing.step is not None) if config.select == "best_validation" else None
     device = train.device_splits(dataset, plan.layout)
     metrics_file = report.MetricsWriter(workdir / METRICS_FILE) if parallel.is_primary() else contextlib.nullcontext()
     with metrics_file as metrics, stop_requests() as stop:
-        hooks = _WorkdirHooks(plan, workdir, step, existing.step, stop, metrics, tensorboard, record)
+        hooks = _WorkdirHooks(plan, workdir, step, existing.step, stop, metrics, tensorboard, record, best)
         try:
-            result = train.fit(plan, state, device, [hooks])
+            result = train.fit(plan, state, device, [hooks], best)
         except train.Diverged as e:
             raise hooks.diverged(e) from None
         finally:
             hooks.close()
-        if hooks.last_checkpoint != plan.total_steps:
-            hooks.save(plan.total_steps, result.state)
+        end = train.host_step(result.state)  # below total_steps when --target_accuracy stopped it
+        if hooks.last_checkpoint != end:
+            hooks.save(end, result.state)
 
-    final = result.evaluator.splits(result.state.params, device, ("train_subset", "validation", "test"),
-                                    result.state.model_state)
+    params, model_state = train.reported_model(result.state)
+    final = result.evaluator.splits(params, device, ("train_subset", "validation", "test"), model_state)
+    best_found = None
+    if best is not None and best.state is not None:
+        best_params, best_model_state = train.reported_model(best.state)
+        best_found = result.evaluator.splits(best_params, device, ("validation", "test"), best_model_state)
     timings = result.timings(plan)
-    part = {"start_step": step, "end_step": plan.total_steps, "total_steps": plan.total_steps,
+    part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
             "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
-            "total_s": time.perf_counter() - started}
+            "total_s": time.perf_counter() - started, "peak_rss_bytes": report.peak_rss_bytes()}
+    if result.target is not None:
+        part["target"] = {"accuracy": config.target_accuracy, **result.target}
     if plan.config.grad == "both":
         part["grad_audit"] = result.audit
     summary = _final_summary(plan, dataset, workdir, result, final, gradient_check, record["parts"] + [part])
+    if best_found is not None:
+        summary["best_validation"] = _best_summary(plan, best, best_found)
     if parallel.is_primary():
         report.write_json(workdir / SUMMARY_FILE, summary)
     _print_final(summary, workdir)
@@ -549,6 +618,9 @@ def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: tra
         "extended": any(p.get("total_steps", steps) < steps for p in parts),
         "timings": _total_timings(parts, plan),
     }
+    target = _target_summary(plan, parts)
+    if target is not None:
+        summary["target"] = target
     audits = [p["grad_audit"] for p in parts if "grad_audit" in p]
     if audits:
         summary["grad_audit"] = _fold_audits(audits)
@@ -572,6 +644,19 @@ def _print_final(summary: dict, workdir: pathlib.Path) -> None:
                   f"(min {d['min']:.4f}, max {d['max']:.4f})" + (f"; {diverged} diverged, left out" if diverged else ""))
         else:
             print(f"{name}{final[key]:.4f}")
+    if "best_validation" in summary:
+        b = summary["best_validation"]
+        where = (f"step {b['step']} (epoch {b['epoch']:.3g})" if not isinstance(b["step"], list)
+                 else f"steps {', '.join(map(str, b['step']))}")
+        print(f"{'Best validation:'.ljust(21)}{b['validation_accuracy']:.4f} at {where}; test accuracy there "
+              f"{b['test_accuracy']:.4f} (final {final['test_accuracy']:.4f})"
+              + ("; mean over models" if isinstance(b["step"], list) else ""))
+    if "target" in summary:
+        t = summary["target"]
+        print(f"{'Target:'.ljust(21)}" + (
+            f"validation accuracy {t['validation_accuracy']:.4f} >= {t['accuracy']:g} at step {t['step']} (epoch "
+            f"{t['epoch']:.3g}), after {t['train_s']:.2f} s of training, {t['total_s']:.2f} s in all"
+            if t["reached"] else f"validation accuracy {t['accuracy']:g} not reached"))
     if "grad_audit" in summary:
         a = summary["grad_audit"]
         print(f"Gradient audit, manual vs jax.grad during training ({a['count']} checks): worst ratio "
@@ -584,7 +669,19 @@ def _print_final(summary: dict, workdir: pathlib.Path) -> None:
         print(f"Trained {timings['steps_timed']} steps in {timings['train_s']:.2f} s ({pace}, "
               f"{timings['examples_per_s']:.0f} examples/s) after {timings['compile_s']:.2f} s of compilation "
               f"on {summary['environment']['cpu']}" + (f", in {parts} parts" if parts > 1 else ""))
+    print(wall_time_line(timings))
     print(f"Outputs in {workdir}", flush=True)
+
+
+def wall_time_line(timings: dict) -> str:
+    """Where the run's wall time went, and its peak memory, in one line."""
+    compile_s = (timings.get("compile_s") or 0) + (timings.get("eval_compile_s") or 0)
+    train_s, eval_s, total_s = timings.get("train_s") or 0, timings.get("eval_s") or 0, timings.get("total_s") or 0
+    other = max(total_s - compile_s - train_s - eval_s, 0.0)
+    peak = timings.get("peak_rss_bytes")
+    return (f"Wall time {total_s:.2f} s: training {train_s:.2f} s, evaluation {eval_s:.2f} s, compilation "
+            f"{compile_s:.2f} s, other {other:.2f} s (data, gradient check at init, checkpoints, plots)"
+            + (f"; peak memory {peak / 2**30:.2f} GiB" if peak else ""))
 
 
 # --- gradient check, evaluation and prediction ----------------------------------------------------
@@ -606,9 +703,10 @@ class Trained:
 
 
 def restore_trained(workdir: pathlib.Path, config: Config | None = None):
-    """(config, dataset, plan, state) from a training workdir's latest checkpoint: the state of
-    every model (stacked on a leading axis of K when the run trained K > 1), on the run's mesh.
-    `config`: the run's (default: its config.json)."""
+    """(config, dataset, plan, state) from a training workdir's latest checkpoint (with
+    --select=best_validation, its best-validation states): the state of every model (stacked on a
+    leading axis of K when the run trained K > 1), on the run's mesh; `train.reported_model(state)`
+    is what to apply. `config`: the run's (default: its config.json)."""
     config = config or read_workdir_config(workdir)
     dataset = load_dataset(config)
     plan = make_plan(config, dataset)
@@ -616,11 +714,14 @@ def restore_trained(workdir: pathlib.Path, config: Config | None = None):
 
 
 def _restore(workdir: pathlib.Path, plan: train.Plan) -> train.TrainState:
+    """The run's reported state: its latest checkpoint, or with --select=best_validation each
+    model's best-validation state (`BEST_DIR`) once there is one."""
     if _latest_checkpoint(workdir) is None:
         raise ConfigError(f"{workdir} holds a training run with no checkpoint yet (it stopped before its first); "
                           "resume it with its training command first")
+    best = plan.config.select == "best_validation" and _latest_checkpoint_in(workdir / BEST_DIR) is not None
     try:
-        state, _ = checkpoint.restore(workdir / CHECKPOINT_DIR, plan.init_state())
+        state, _ = checkpoint.restore(workdir / (BEST_DIR if best else CHECKPOINT_DIR), plan.init_state())
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
     return state
@@ -650,14 +751,16 @@ def load_trained(workdir: pathlib.Path, config: Config | None = None, model_inde
     plan = make_plan(config, dataset)
     about, pick = _one_model(plan, model_index, workdir)
     state = plan.init_state(placed=False) if at_init else _restore(workdir, plan)
-    step = None if at_init else train.host_step(state)
-    model_state = pick(state.model_state) if plan.spec.stateful else None
-    return Trained(config, dataset, plan, pick(state.params), model_state, step, about)
+    step = None if at_init else int(parallel.host_value(pick(state.step)).reshape(-1)[0])
+    params, model_state = train.reported_model(state)  # the moving averages with --ema_decay
+    return Trained(config, dataset, plan, pick(params), pick(model_state) if plan.spec.stateful else None, step,
+                   about)
 
 
 def _about_model(trained: Trained) -> str:
     m = trained.model
-    at = "its initialisation" if trained.step is None else f"the checkpoint at step {trained.step}"
+    best = " of its best validation accuracy (--select=best_validation)" if trained.config.select != "final" else ""
+    at = "its initialisation" if trained.step is None else f"the checkpoint at step {trained.step}{best}"
     which = (f"model {m['index']} of {m['of']} (seed {m['seed']}, learning rate {m['learning_rate']:g}; --model "
              "picks another)" if m["of"] > 1 else "its model")
     return f"{which}, at {at}"

@@ -69,6 +69,16 @@ def environment(platform_name: str = "") -> dict:
     }
 
 
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process so far, in bytes (`getrusage`'s ru_maxrss: KiB on
+    Linux, bytes on macOS). A process that runs several things reports the largest so far."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def write_json(path, obj) -> None:
     """Atomically writes `obj` as indented JSON with sorted keys (parent dirs created)."""
     path = pathlib.Path(path)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from digits import backprop, experiment, model, predict
+from digits import backprop, experiment, model, predict, train
 
 MAX_BODY_BYTES = 4 * 2**20  # a 280 x 280 drawing is ~10 KB; photos through the API fit too
 MAX_PIXELS = 4096 * 4096  # decoding a tiny PNG of huge dimensions would take seconds and memory
@@ -193,7 +193,7 @@ def load(workdir: pathlib.Path, given: dict | None = None) -> Analyser:
             raise experiment.ConfigError(
                 f"the drawing page makes 28x28 MNIST-style inputs, but the model in {workdir} takes "
                 f"{'x'.join(map(str, dataset.image_shape))} images")
-        models = jax.device_get((state.params, state.model_state))  # off the run's mesh
+        models = jax.device_get(train.reported_model(state))  # off the run's mesh (with --ema_decay: the averages)
         if not plan.vmapped:
             models = jax.tree.map(lambda leaf: leaf[None], models)
         params, model_state = jax.device_put(models)  # onto the one default device

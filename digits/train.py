@@ -426,7 +426,8 @@ def make_train_chunk(plan: Plan):
             loss_sum=stats.loss_sum + loss, first_bad_step=jnp.where(bad, state.step, stats.first_bad_step)
         )
         ema = ema_update(state.ema, params, model_state, config.ema_decay, state.step + 1) if state.ema else ()
-        return TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key, model_state, ema), stats
+        new = TrainState(params, opt_state, state.step + 1, state.learning_rate, state.data_key, model_state, ema)
+        return new, stats
 
     wide = plan.shared_data and isinstance(spec.layers[0], layers.Dense)
 
@@ -703,7 +704,9 @@ class BestValidation:
         if self.state is None or improved.all():  # a copy: the next chunk donates `state`
             self.state = jax.tree.map(jnp.copy, state)
         else:
-            pick = lambda best, new: jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, best)  # noqa: E731
+            def pick(best, new):
+                return jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, best)
+
             self.state = jax.tree.map(pick, self.state, state)
         self.accuracy = np.where(improved, accuracy, self.accuracy)
         self.step = np.where(improved, step, self.step)

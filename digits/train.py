@@ -64,7 +64,8 @@ def ema_update(ema: dict, params, model_state, decay: float, step: jax.Array) ->
     w = (1 - d) / (1 - d^step), so the average weights step i by d^(step - i), normalised: it
     is step 1's values after step 1, and w tends to 1 - d (`optax.incremental_update`). Batch-norm
     statistics are averaged the same way as the params they go with."""
-    weight = (1 - decay) / (1 - jnp.power(jnp.asarray(decay, jnp.float32), step.astype(jnp.float32)))
+    d = jnp.asarray(decay, jnp.float32)  # both sides in one precision: the weight is exactly 1 at step 1
+    weight = (1 - d) / (1 - jnp.power(d, step.astype(jnp.float32)))
     new = {"params": params, "model_state": model_state}
     def average(e, x):  # a user layer's integer state (a counter) is not averaged
         return optax.incremental_update(x, e, weight.astype(x.dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else x

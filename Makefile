@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test benchmark results local clean
+.PHONY: run test lint benchmark results local clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# ruff (configured in pyproject.toml): pycodestyle, pyflakes, import order, bugbear. .ci/run runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 benchmark: $(STAMP)
 	$(PY) run_experiment.py --mode=benchmark --flagfile=experiments/benchmark.cfg

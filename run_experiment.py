@@ -50,7 +50,8 @@ flags.DEFINE_string("host", "127.0.0.1", "For --mode=serve: the address to liste
 # Process setup: how this process joins the devices, not what it computes (so not in the Config).
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for a multi-process run (jax.distributed); "
                     "without it, SLURM / Open MPI / TPU-pod jobs are detected by JAX, anything else is one process.")
-flags.DEFINE_integer("num_processes", 0, "Processes in the multi-process run (with --coordinator_address).", lower_bound=0)
+flags.DEFINE_integer("num_processes", 0, "Processes in the multi-process run (with --coordinator_address).",
+                     lower_bound=0)
 flags.DEFINE_integer("process_id", -1, "This process's index in [0, --num_processes).", lower_bound=-1)
 flags.DEFINE_integer("cpu_devices", 0, "Make the CPU platform expose this many devices (to try meshes on one "
                      "machine; 0: JAX's default, one).", lower_bound=0)

@@ -67,7 +67,8 @@ def main() -> None:
         median = statistics.median(times)
         results.append({"batch_size": batch, "ms_per_step": 1e3 * median, "s_per_epoch": median * (50000 // batch),
                         "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times)})
-        print(f"batch {batch:4d}: {1e3 * median:7.2f} ms/step (min {1e3 * min(times):.2f}, max {1e3 * max(times):.2f}), "
+        print(f"batch {batch:4d}: {1e3 * median:7.2f} ms/step "
+              f"(min {1e3 * min(times):.2f}, max {1e3 * max(times):.2f}), "
               f"{median * (50000 // batch):6.1f} s per 50k epoch", flush=True)
     print(json.dumps({"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor(),
                       "results": results}))

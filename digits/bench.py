@@ -155,7 +155,7 @@ def check_networks(config: Config, dataset: data.Dataset) -> None:
         sizes = [int(t) for t in tokens]
         cuts = [i for i in range(2, len(sizes) - 1) if sizes[i] == pixels and sizes[i - 1] == classes]
         if cuts:
-            parts = [",".join(map(str, sizes[a:b])) for a, b in zip([0] + cuts, cuts + [len(sizes)])]
+            parts = [",".join(map(str, sizes[a:b])) for a, b in zip([0] + cuts, cuts + [len(sizes)], strict=True)]
             raise ValueError(f"bench_layer_sizes: {network} looks like {len(parts)} networks joined by commas; "
                              f"separate networks with ';': --bench_layer_sizes='{';'.join(parts)}'")
 
@@ -211,7 +211,7 @@ def allreduce_bytes(hlo_text: str) -> int:
         if not match:
             continue
         for kind, dims in _HLO_ARRAY.findall(match.group(1)):
-            bits = 8 if kind == "pred" else int(kind.lstrip("sfubf") or 16)
+            bits = 8 if kind == "pred" else int(kind[2:] if kind == "bf16" else kind[1:])
             total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
     return total
 

@@ -188,7 +188,7 @@ def _digests(paths: list[tuple[str, ...]], leaves: list) -> dict[str, str]:
     if not all(getattr(leaf, "is_fully_addressable", True) for leaf in leaves):
         return {}
     return {_label(p): hashlib.sha256(np.ascontiguousarray(np.asarray(leaf)).tobytes()).hexdigest()
-            for p, leaf in zip(paths, leaves)}
+            for p, leaf in zip(paths, leaves, strict=True)}
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -381,8 +381,8 @@ def restore(directory, template, step: int | None = None) -> tuple[Any, dict]:
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     paths = [_normalised(p) for p, _ in leaves]
-    expected = {p: _spec(leaf) for p, (_, leaf) in zip(paths, leaves)}
-    abstract_by_path = {p: _abstract(leaf) for p, (_, leaf) in zip(paths, leaves)}
+    expected = {p: _spec(leaf) for p, (_, leaf) in zip(paths, leaves, strict=True)}
+    abstract_by_path = {p: _abstract(leaf) for p, (_, leaf) in zip(paths, leaves, strict=True)}
 
     import orbax.checkpoint as ocp
 
@@ -397,8 +397,8 @@ def restore(directory, template, step: int | None = None) -> tuple[Any, dict]:
         # Restored in the structure on disk, leaf by leaf onto the template's: containers without
         # leaves may differ (a checkpoint of digits 0.2 has no model_state, an empty list now).
         abstract = jax.tree_util.tree_map_with_path(lambda p, _: abstract_by_path[_normalised(p)], stored_tree)
-        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract), METADATA_ITEM: ocp.args.JsonRestore(),
-                                     DIGEST_ITEM: ocp.args.JsonRestore()})
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
+                                     METADATA_ITEM: ocp.args.JsonRestore(), DIGEST_ITEM: ocp.args.JsonRestore()})
         try:
             restored = manager.restore(step, args=args)
         except Exception as e:  # shapes, dtypes and shardings are checked by now: the bytes are bad
@@ -409,5 +409,5 @@ def restore(directory, template, step: int | None = None) -> tuple[Any, dict]:
     by_path = {_normalised(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(restored[STATE_ITEM])[0]}
     values = [by_path[p] for p in paths]
     _check_digests(path, restored[DIGEST_ITEM] or {}, _digests(paths, values))
-    state = [_like_template(leaf, value) for (_, leaf), value in zip(leaves, values)]
+    state = [_like_template(leaf, value) for (_, leaf), value in zip(leaves, values, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, state), restored[METADATA_ITEM] or {}

@@ -299,7 +299,8 @@ def load_idx(directory: str | os.PathLike, name: str = "mnist") -> Dataset:
     train = _load_idx_split(directory, IDX_FILES["train_images"], IDX_FILES["train_labels"])
     test = _load_idx_split(directory, IDX_FILES["test_images"], IDX_FILES["test_labels"])
     if train.images.shape[1:] != test.images.shape[1:]:
-        raise DataError(f"{directory}: train images are {train.images.shape[1:]} but test images are {test.images.shape[1:]}")
+        raise DataError(f"{directory}: train images are {train.images.shape[1:]} but test images are "
+                        f"{test.images.shape[1:]}")
     num_classes = int(max(train.labels.max(initial=0), test.labels.max(initial=0))) + 1  # labels are 0..C-1
     return Dataset(name, "idx", train, test, num_classes)
 

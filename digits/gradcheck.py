@@ -181,7 +181,7 @@ def _layer_scales(leaves, groups, maximum, zero):
     max |r| over the leaf's layer, but at least max |r| over the tree / sqrt(N), so that no entry
     is held to less than 16 ulps of the model's largest gradient (`autodiff_tolerance`)."""
     scales, largest, size = {}, zero, max(1, sum(leaf.size for leaf in leaves))
-    for leaf, group in zip(leaves, groups):
+    for leaf, group in zip(leaves, groups, strict=True):
         leaf_max = abs(leaf).max() if leaf.size else zero
         scales[group] = maximum(scales.get(group, zero), leaf_max)
         largest = maximum(largest, leaf_max)
@@ -208,8 +208,8 @@ def tree_agreement(manual, reference) -> tuple[jax.Array, jax.Array, jax.Array]:
     """
     jax.tree.map(lambda m, r: None, manual, reference)  # raises on a structure mismatch
     scales = _layer_scales(jax.tree.leaves(reference), _layer_groups(reference), jnp.maximum, 0.0)
-    pairs = [(m, r, scale) for m, r, scale in zip(jax.tree.leaves(manual), jax.tree.leaves(reference), scales)
-             if r.size]
+    pairs = [(m, r, scale)
+             for m, r, scale in zip(jax.tree.leaves(manual), jax.tree.leaves(reference), scales, strict=True) if r.size]
     dtype = jnp.result_type(*[r for _, r, _ in pairs]) if pairs else jnp.float32
     zero = jnp.zeros((), dtype)
     num_params = max(1, sum(r.size for _, r, _ in pairs))

@@ -69,7 +69,7 @@ def run(processes: int, args: list[str], cpu_devices: int = 1, timeout: float | 
         if child.poll() is None:
             child.terminate()
         child.wait()
-    for i, (child, log) in enumerate(zip(children, logs)):
+    for i, (child, log) in enumerate(zip(children, logs, strict=True)):
         if log is not None:
             log.seek(0)
             lines = log.read().strip().splitlines()

@@ -21,7 +21,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MODEL, DATA = "model", "data"
 
@@ -87,7 +88,8 @@ def choose_layout(num_models: int, batch_size: int, requested: int = 0, devices=
         data_size = max(d for d in _divisors(rest) if batch_size % d == 0)
     if jax.process_count() > 1 and model_size * data_size < available:
         raise ValueError(f"with {jax.process_count()} processes every device must take part, but the mesh uses "
-                         f"{model_size * data_size} of {available}; choose a batch size or model count that splits evenly")
+                         f"{model_size * data_size} of {available}; choose a batch size or model count that splits "
+                         "evenly")
     if model_size * data_size == 1:
         return SINGLE
     grid = np.array(devices[: model_size * data_size]).reshape(model_size, data_size)

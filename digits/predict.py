@@ -264,7 +264,7 @@ def classify(
             "probability": float(row[ranked[0]]),
             "top_k": [[int(c), float(row[c])] for c in ranked],
         }
-        for path, row, ranked in zip(paths, probs, order)
+        for path, row, ranked in zip(paths, probs, order, strict=True)
     ]
 
 
@@ -314,7 +314,7 @@ def save_preprocessed(
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[pathlib.Path] = []
-    for image, path in zip(images, paths):
+    for image, path in zip(images, paths, strict=True):
         stem, n = pathlib.Path(path).stem, 1
         target = out_dir / f"{stem}_28x28.png"
         while target in written:

@@ -13,8 +13,8 @@ import numbers
 import os
 import pathlib
 import platform
-from importlib import metadata as importlib_metadata
 from collections import defaultdict
+from importlib import metadata as importlib_metadata
 
 import matplotlib
 
@@ -156,7 +156,7 @@ def read_metrics(path) -> list[dict]:
         except ValueError:
             if number == len(lines):  # a crash mid-write; everything before it is complete
                 break
-            raise ValueError(f"{path}: line {number} is not valid JSON; the file is damaged")
+            raise ValueError(f"{path}: line {number} is not valid JSON; the file is damaged") from None
     return records
 
 
@@ -291,7 +291,7 @@ def plot_misclassified(images, labels, predictions, path, max_images: int = 36) 
     fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    for ax, i in zip(axes.flat, wrong):
+    for ax, i in zip(axes.flat, wrong, strict=False):  # the grid may have spare cells
         ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(f"true {labels[i]} / pred {predictions[i]}", fontsize=8)
     _save(fig, path)

@@ -55,7 +55,8 @@ def add(table: dict, name: str, flagfile: pathlib.Path, summary: dict, overrides
         "command": command + (f" {_flags(overrides)}" if overrides else ""),
         "seeds": summary["num_models"],
         "test_accuracy": _distribution(summary, "test_accuracy"),
-        "validation_accuracy": _distribution(summary, "validation_accuracy") if "validation_accuracy" in summary["final"] else None,
+        "validation_accuracy": (_distribution(summary, "validation_accuracy")
+                                if "validation_accuracy" in summary["final"] else None),
         "epochs": summary["epochs"],
         "seconds_per_epoch": timings["seconds_per_epoch"],
         "train_s": timings["train_s"],
@@ -106,8 +107,8 @@ def write(table: dict, results_dir: pathlib.Path) -> None:
             "flagfile in `experiments/`, trained over N seeds at once (vmapped), final model after the last epoch. "
             "Per-seed numbers are exact only on the same machine and software; compare distributions.\n\n"
             + ("Rows marked *(with --flag=value)* were run with those flags added to their flagfile: they are not "
-               "the flagfiles' own results.\n\n" if any(e.get("overrides") for e in table.get("experiments", {}).values())
-               else "")
+               "the flagfiles' own results.\n\n"
+               if any(e.get("overrides") for e in table.get("experiments", {}).values()) else "")
             + markdown_table(table) + "\n")
     with files.atomic_open(results_dir / "results.md", "w") as f:
         f.write(text)
@@ -125,11 +126,11 @@ def update_flagfile(path: pathlib.Path, entry: dict) -> None:
     path = pathlib.Path(path)
     lines = path.read_text().splitlines()
     line = result_line(entry)
-    at = next((i for i, l in enumerate(lines) if l.startswith(RESULT_PREFIX)), None)
+    at = next((i for i, text in enumerate(lines) if text.startswith(RESULT_PREFIX)), None)
     if at is not None:
         lines[at] = line
     else:
-        header_end = next((i for i, l in enumerate(lines) if not l.startswith("#")), len(lines))
+        header_end = next((i for i, text in enumerate(lines) if not text.startswith("#")), len(lines))
         lines.insert(header_end, line)
     with files.atomic_open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

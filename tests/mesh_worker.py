@@ -26,8 +26,8 @@ CONV = dict(layers="conv3x3:4,maxpool2,dense:10", init="he", optimizer="momentum
             steps=20, eval_every=10)
 # Batch norm's statistics come from the global batch: the forward's sums and the backward's two
 # sums are all-reduced over the data axis, so D devices must equal one.
-BATCHNORM = dict(CONV, learning_rate=0.01, layers="conv3x3:4:same,batchnorm,relu,res(conv3x3:4:same,batchnorm,relu,conv3x3:4:same),"
-                               "maxpool2,dense:10")
+BATCHNORM = dict(CONV, learning_rate=0.01,
+                 layers="conv3x3:4:same,batchnorm,relu,res(conv3x3:4:same,batchnorm,relu,conv3x3:4:same),maxpool2,dense:10")
 
 
 def synthetic(n: int = 512, seed: int = 0) -> data.Dataset:
@@ -49,7 +49,7 @@ def train_on(config: Config, dataset: data.Dataset, devices: int, with_state: bo
 
 
 def max_difference(a, b) -> float:
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def largest(tree) -> float:
@@ -81,7 +81,8 @@ def data_parallel() -> dict:
         out[f"scale_{grad}"] = largest(reference)
         for d in (2, 4, 8):
             params, layout = train_on(Config(**DENSE, grad=grad, num_devices=d), dataset, 8)
-            out[f"dense_{grad}_D{d}"] = {"diff": max_difference(params, reference), "mesh": [layout.model_size, layout.data_size]}
+            out[f"dense_{grad}_D{d}"] = {"diff": max_difference(params, reference),
+                                         "mesh": [layout.model_size, layout.data_size]}
     conv_reference, _ = train_on(Config(**CONV, num_devices=1), dataset, 1)
     params, layout = train_on(Config(**CONV, num_devices=4), dataset, 8)
     out["conv_D4"] = {"diff": max_difference(params, conv_reference), "mesh": [layout.model_size, layout.data_size]}
@@ -93,7 +94,8 @@ def data_parallel() -> dict:
     full = dict(DENSE, optimizer="gd", batch_size=0, steps=20)
     full_reference, _ = train_on(Config(**full, num_devices=1), dataset, 1)
     params, layout = train_on(Config(**full, num_devices=8), dataset, 8)
-    out["full_batch_D8"] = {"diff": max_difference(params, full_reference), "mesh": [layout.model_size, layout.data_size]}
+    out["full_batch_D8"] = {"diff": max_difference(params, full_reference),
+                            "mesh": [layout.model_size, layout.data_size]}
     return out
 
 
@@ -118,7 +120,8 @@ def models() -> dict:
     # Many short chunks, each with collectives: the loop waits on each chunk, so XLA:CPU never
     # has dozens of collective-carrying calls queued (which deadlocks).
     params, layout = train_on(Config(**DENSE, steps_per_call=1, num_devices=8), dataset, 8)
-    out["one_step_chunks_D8"] = {"diff": max_difference(params, train_on(Config(**DENSE, num_devices=1), dataset, 1)[0]),
+    one_device = train_on(Config(**DENSE, num_devices=1), dataset, 1)[0]
+    out["one_step_chunks_D8"] = {"diff": max_difference(params, one_device),
                                  "mesh": [layout.model_size, layout.data_size]}
     return out
 
@@ -126,7 +129,8 @@ def models() -> dict:
 def errors() -> dict:
     """The one-line messages of impossible meshes."""
     out = {}
-    for name, args in {"too_many": (1, 16, 9), "batch_not_divisible": (1, 10, 4), "more_devices_than_examples": (1, 2, 8)}.items():
+    cases = {"too_many": (1, 16, 9), "batch_not_divisible": (1, 10, 4), "more_devices_than_examples": (1, 2, 8)}
+    for name, args in cases.items():
         try:
             parallel.choose_layout(*args)
             out[name] = None

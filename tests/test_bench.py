@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from digits import bench, data as data_lib, train
+from digits import bench, train
+from digits import data as data_lib
 from digits.config import Config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,8 +28,11 @@ MINI_BATCH = 128  # 4 steps per epoch on 512 images
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
-    split = lambda n: data_lib.Split(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-                                     rng.integers(0, 10, n).astype(np.int32))
+
+    def split(n):
+        return data_lib.Split(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, n).astype(np.int32))
+
     return data_lib.Dataset("random", "test", split(N_IMAGES), split(16))
 
 
@@ -158,9 +162,11 @@ def test_a_conv_network_gets_a_row_with_its_compiled_costs(data):
 
 def test_grad_flops_match_a_hand_count_of_the_matmuls():
     """784-30-10 at batch 128: forward x@W1, a1@W2; backward dW1, dW2 and dA1 (no dX)."""
-    plan = bench.train.Plan.create(bench.row_config(SWEEP, bench.Group("784,30,10", 128, 1, 1), "manual", N_IMAGES),
-                                   data_lib.Dataset("random", "test", data_lib.Split(np.zeros((N_IMAGES, 28, 28), np.uint8),
-                                                    np.zeros(N_IMAGES, np.int32)), data_lib.Split(np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.int32))))
+    zeros = data_lib.Dataset("random", "test",
+                             data_lib.Split(np.zeros((N_IMAGES, 28, 28), np.uint8), np.zeros(N_IMAGES, np.int32)),
+                             data_lib.Split(np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.int32)))
+    row = bench.row_config(SWEEP, bench.Group("784,30,10", 128, 1, 1), "manual", N_IMAGES)
+    plan = bench.train.Plan.create(row, zeros)
     matmuls = 128 * (2 * 2 * (784 * 30 + 30 * 10) + 2 * 30 * 10)
     flops = bench.analyse_gradient(plan)["grad_flops"]
     assert matmuls <= flops <= 1.1 * matmuls
@@ -232,7 +238,8 @@ def test_sweeps_make_k_models_three_ways():
     assert bench.num_rows(config) == len(groups) * 2
     lrs = bench.row_config(config, bench.Group("784,10,10", 10, 4, 1, "learning_rates"), "manual", N_IMAGES)
     assert lrs.num_seeds == 1 and len(set(lrs.sweep_learning_rates)) == 4 and lrs.num_models == 4
-    assert min(lrs.sweep_learning_rates) == pytest.approx(0.01 / 4) and max(lrs.sweep_learning_rates) == pytest.approx(0.04)
+    assert min(lrs.sweep_learning_rates) == pytest.approx(0.01 / 4)
+    assert max(lrs.sweep_learning_rates) == pytest.approx(0.04)
     shared = bench.row_config(config, bench.Group("784,10,10", 10, 4, 1, "shared_seeds"), "manual", N_IMAGES)
     assert shared.num_seeds == 4 and shared.shared_data_order
 
@@ -247,7 +254,8 @@ def test_a_shared_batch_makes_the_first_layer_one_wide_matmul(data):
     state = plan.init_state()
     images, labels = train.device_splits(data)["train"]
     hlo = train.compile_chunk(plan, state, images, labels, plan.permutation(0)).as_text()
-    dots = re.findall(r"= (f32\[[\d,]+\])\S* dot\(", hlo) + re.findall(r"= (f32\[[\d,]+\])\S* fusion\([^)]*\), kind=kCustom", hlo)
+    dots = (re.findall(r"= (f32\[[\d,]+\])\S* dot\(", hlo)
+            + re.findall(r"= (f32\[[\d,]+\])\S* fusion\([^)]*\), kind=kCustom", hlo))
     assert "f32[10,480]" in dots and "f32[784,480]" in dots, dots
     unshared = train.Plan.create(dataclasses.replace(config, sweep_learning_rates=(), num_seeds=16), data)
     assert not unshared.shared_data

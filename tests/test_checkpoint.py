@@ -37,7 +37,7 @@ def make_state(sizes=(784, 30, 10), seed=0) -> TrainState:
     rng = np.random.default_rng(seed)
     params = [
         {"w": jnp.asarray(rng.normal(size=(m, n)), jnp.float32), "b": jnp.asarray(rng.normal(size=(n,)), jnp.float32)}
-        for m, n in zip(sizes[:-1], sizes[1:])
+        for m, n in zip(sizes[:-1], sizes[1:], strict=True)
     ]
     optimizer = optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-3))
     opt_state = optimizer.init(params)

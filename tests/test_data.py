@@ -147,7 +147,8 @@ def test_auto_prefers_prepared_tfds_else_packaged(tmp_path):
 
 
 def test_validation_split_takes_the_last_images(mnist_splits):
-    dataset = data.Dataset("x", "test", data.Split(np.arange(10, dtype=np.uint8).reshape(10, 1, 1), np.arange(10, dtype=np.int32)),
+    dataset = data.Dataset("x", "test",
+                           data.Split(np.arange(10, dtype=np.uint8).reshape(10, 1, 1), np.arange(10, dtype=np.int32)),
                            data.Split(np.zeros((2, 1, 1), np.uint8), np.zeros(2, np.int32)))
     splits = data.split_validation(dataset, 3)
     assert splits.validation.labels.tolist() == [7, 8, 9] and len(splits.train) == 7

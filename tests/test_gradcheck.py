@@ -116,7 +116,10 @@ def test_tree_agreement_agrees_with_against_autodiff():
     params = model.init(jax.random.PRNGKey(0), spec)
     batch = _batch(1, 9, 12, 5, jnp.float32)
     reference = jax.jit(gradcheck._reference_value_and_grad, static_argnums=2)
-    doubled = lambda p, b, s: jax.tree.map(lambda g: 2 * g, reference(p, b, s))
+
+    def doubled(p, b, s):
+        return jax.tree.map(lambda g: 2 * g, reference(p, b, s))
+
     for value_and_grad in (reference, doubled):
         reports = gradcheck.against_autodiff(params, batch, spec, value_and_grad=value_and_grad)
         violation, _, max_abs = jax.jit(gradcheck.tree_agreement)(value_and_grad(params, batch, spec)[1],
@@ -157,7 +160,8 @@ def _random_cases(count=24, seed=0):
         spec = model.MLPSpec(sizes, activation, output, cost, l2=l2)
         gain, bias_scale = rng.choice([0.3, 1.0, 2.0, 4.0]), rng.choice([0.1, 1.0])
         params = [{"w": jnp.asarray(rng.normal(size=(n_in, n_out)) * gain / np.sqrt(n_in)),
-                   "b": jnp.asarray(rng.normal(size=n_out) * bias_scale)} for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+                   "b": jnp.asarray(rng.normal(size=n_out) * bias_scale)} for n_in, n_out in
+                  zip(sizes[:-1], sizes[1:], strict=True)]
         batch_size = int(rng.integers(1, 7))
         labels = rng.integers(0, sizes[-1], batch_size)
         batch = (jnp.asarray(rng.uniform(size=(batch_size, sizes[0]))), jnp.asarray(labels))

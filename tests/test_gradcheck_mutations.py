@@ -70,17 +70,21 @@ def mlp_value_and_grad(params, batch, spec, mutation=None):
         delta = delta / batch_size
 
     grads = [None] * len(params)
-    for l in reversed(range(len(params))):
-        w, b = params[l]["w"], params[l]["b"]
-        dw = hidden[l].T @ delta + spec.l2 * w
-        db = {"db_first_row": lambda: delta[0], "db_mean": lambda: jnp.mean(delta, axis=0)}.get(
-            mutation, lambda: jnp.sum(delta, axis=0))()
+    for i in reversed(range(len(params))):
+        w, b = params[i]["w"], params[i]["b"]
+        dw = hidden[i].T @ delta + spec.l2 * w
+        if mutation == "db_first_row":
+            db = delta[0]
+        elif mutation == "db_mean":
+            db = jnp.mean(delta, axis=0)
+        else:
+            db = jnp.sum(delta, axis=0)
         if mutation == "l2_on_biases":
             db = db + spec.l2 * b
-        grads[l] = {"w": dw, "b": db}
-        if l > 0:
+        grads[i] = {"w": dw, "b": db}
+        if i > 0:
             back = w if mutation == "transposed_weight" and w.shape[0] == w.shape[1] else w.T
-            derivative = 1 if mutation == "missing_activation_derivative" else _derivative(hidden[l], spec.activation)
+            derivative = 1 if mutation == "missing_activation_derivative" else _derivative(hidden[i], spec.activation)
             delta = (delta @ back) * derivative
     return loss, grads
 

@@ -203,7 +203,7 @@ def test_mutated_backward_fails_and_the_real_one_passes(mutation, dtype):
         spec = model.ModelSpec((layers.Dense(5), layer, layers.Dense(5), layers.Tanh(), layers.Dense(3)), (4,),
                                init="glorot")
         rng = np.random.default_rng(0)
-        params = jax.tree.map(lambda p: (p + 0.3 * rng.normal(size=p.shape)).astype(dtype),
+        params = jax.tree.map(lambda p, rng=rng: (p + 0.3 * rng.normal(size=p.shape)).astype(dtype),
                               model.init(jax.random.PRNGKey(0), spec, dtype))
         batch = (jnp.asarray(rng.normal(size=(6, 4)), dtype), jnp.arange(6) % 3)
         reports = gradcheck.check(params, batch, spec, jax.random.PRNGKey(1), coords_per_leaf=6)
@@ -239,8 +239,8 @@ BN = dict(layers="conv3x3:4:same,batchnorm:0.8,relu,res(conv3x3:4:same,batchnorm
 @pytest.fixture(scope="module")
 def tiny(mnist_splits):
     cut = lambda split, n: data.Split(split.images[:n], split.labels[:n])  # noqa: E731
-    return dataclasses.replace(mnist_splits, train=cut(mnist_splits.train, 200), validation=cut(mnist_splits.validation, 100),
-                               test=cut(mnist_splits.test, 100))
+    return dataclasses.replace(mnist_splits, train=cut(mnist_splits.train, 200),
+                               validation=cut(mnist_splits.validation, 100), test=cut(mnist_splits.test, 100))
 
 
 def _fit(config, dataset, state=None, hooks=()):
@@ -268,7 +268,7 @@ def test_batchnorm_trains_checkpoints_and_resumes_exactly(tiny, tmp_path):
     state = uninterrupted.state
     moved = jax.tree.leaves(state.model_state)
     assert len(moved) == 4 and all(float(jnp.max(jnp.abs(m - s))) > 1e-3 for m, s in
-                                   zip(moved, jax.tree.leaves(model.init_state(plan.spec))))
+                                   zip(moved, jax.tree.leaves(model.init_state(plan.spec)), strict=True))
     # the optimizer never sees the state: Adam's moments cover exactly the params' leaves
     assert jax.tree.structure(state.opt_state[0].mu) == jax.tree.structure(state.params)
     with pytest.raises(Recorder.Stop):
@@ -301,7 +301,8 @@ def test_input_gradient_in_evaluation_mode_matches_jax_grad(tiny):
     spec = model.spec_from_text(BN["layers"], (28, 28), init="he")
     params = model.init(jax.random.PRNGKey(0), spec, jnp.float64)
     rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda s: s + jnp.abs(jnp.asarray(rng.normal(size=s.shape))), model.init_state(spec, jnp.float64))
+    state = jax.tree.map(lambda s: s + jnp.abs(jnp.asarray(rng.normal(size=s.shape))),
+                         model.init_state(spec, jnp.float64))
     x = model.inputs(jnp.asarray(tiny.test.images[:2]), spec, jnp.float64)
     dz = jnp.asarray(rng.normal(size=(2, 10)))
     manual = backprop.input_gradient(params, x, spec, dz, state)

@@ -20,7 +20,10 @@ def float64():
 
 def _relative_error(manual, auto):
     diff = jax.tree.map(lambda m, a: m - a, manual, auto)
-    sq = lambda t: sum(float(jnp.sum(leaf.astype(jnp.float64) ** 2)) for leaf in jax.tree.leaves(t))
+
+    def sq(t):
+        return sum(float(jnp.sum(leaf.astype(jnp.float64) ** 2)) for leaf in jax.tree.leaves(t))
+
     return (sq(diff) / sq(auto)) ** 0.5
 
 
@@ -238,7 +241,7 @@ def test_spec_shapes_and_properties():
     assert spec.shapes == ((24, 24, 20), (12, 12, 20), (8, 8, 40), (4, 4, 40), (100,), (10,))
     assert spec.num_classes == 10 and not spec.is_mlp
     with pytest.raises(ValueError, match="all-dense"):
-        spec.layer_sizes
+        _ = spec.layer_sizes
     assert jax.jit(lambda x, s: x, static_argnums=1)(1.0, spec) == 1.0  # hashable, a static jit arg
     params = jax.eval_shape(lambda key: model.init(key, spec), jax.random.PRNGKey(0))
     chex.assert_shape([p["w"] for p in params if p], [(5, 5, 1, 20), (5, 5, 20, 40), (640, 100), (100, 10)])

@@ -98,7 +98,8 @@ def test_invalid_spec_is_rejected(kwargs, message):
         model.MLPSpec(**{"layer_sizes": (784, 10), **kwargs})
 
 
-@pytest.mark.parametrize("output,cost", [("softmax", "cross_entropy"), ("sigmoid", "cross_entropy"), ("softmax", "quadratic")])
+@pytest.mark.parametrize("output,cost",
+                         [("softmax", "cross_entropy"), ("sigmoid", "cross_entropy"), ("softmax", "quadratic")])
 def test_costs_match_their_textbook_formulas(output, cost):
     z = jnp.array([[0.2, -1.0, 3.0], [1.0, 0.0, -2.0]])
     y = jax.nn.one_hot(jnp.array([2, 0]), 3)

@@ -133,8 +133,8 @@ TINY = ["--train_examples=2000", "--validation_size=1000", "--layer_sizes=784,16
 
 def tiny_dataset(mnist_splits) -> data.Dataset:
     """What TINY trains on: the first 2000 training images."""
-    return data.Dataset("mnist", "packaged", data.Split(mnist_splits.train.images[:2000], mnist_splits.train.labels[:2000]),
-                        mnist_splits.test)
+    train_split = data.Split(mnist_splits.train.images[:2000], mnist_splits.train.labels[:2000])
+    return data.Dataset("mnist", "packaged", train_split, mnist_splits.test)
 
 
 def tiny_config(steps: int, num_seeds: int = 1) -> Config:
@@ -158,7 +158,7 @@ def one_device_params(steps: int, mnist_splits, num_seeds: int = 1):
 
 
 def max_difference(a, b) -> float:
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def test_two_processes_train_survive_sigkill_equal_one_process_and_evaluate(cache_dir, tmp_path, mnist_splits):
@@ -187,7 +187,8 @@ def test_two_processes_train_survive_sigkill_equal_one_process_and_evaluate(cach
 
     # Evaluation in two processes reads the final checkpoint to the numbers training reported.
     assert launch.run(2, [f"--cache_dir={cache_dir}", "--mode=eval", f"--workdir={killed}"], timeout=240) == 0
-    evaluated, trained = json.loads((killed / "eval.json").read_text()), json.loads((killed / "summary.json").read_text())
+    evaluated = json.loads((killed / "eval.json").read_text())
+    trained = json.loads((killed / "summary.json").read_text())
     assert evaluated["test"]["accuracy"] == pytest.approx(trained["final"]["test_accuracy"], abs=1e-6)
     assert evaluated["validation"]["loss"] == pytest.approx(trained["final"]["validation_loss"], rel=1e-5)
 
@@ -204,7 +205,8 @@ def test_every_mode_runs_on_eight_fake_devices(cache_dir, tmp_path, mnist_splits
     # The 8-device checkpoint resumes on 1 device and ends where 1 device all the way does.
     resumed = run_cli(*TINY, "--steps=80", "--num_seeds=2", f"--workdir={workdir}", cache_dir=cache_dir)
     assert "Resuming from the checkpoint at step 40" in resumed.stdout and "1 device" in resumed.stdout
-    assert max_difference(final_params(workdir, 80, mnist_splits, 2), one_device_params(80, mnist_splits, 2)) < FLOAT32_ATOL
+    resumed, one_device = final_params(workdir, 80, mnist_splits, 2), one_device_params(80, mnist_splits, 2)
+    assert max_difference(resumed, one_device) < FLOAT32_ATOL
     accuracy = json.loads((workdir / "summary.json").read_text())["across_models"]["test_accuracy"]["values"][0]
     run_cli("--mode=eval", eight, f"--workdir={workdir}", cache_dir=cache_dir)
     assert json.loads((workdir / "eval.json").read_text())["test"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
@@ -212,8 +214,9 @@ def test_every_mode_runs_on_eight_fake_devices(cache_dir, tmp_path, mnist_splits
     predicted = run_cli("--mode=predict", eight, f"--workdir={workdir}", f"--images={tmp_path / 'digit.png'}",
                         cache_dir=cache_dir)
     assert "digit.png" in predicted.stdout
-    run_cli("--mode=benchmark", eight, "--bench_layer_sizes=784,10,10", "--bench_batch_sizes=16", "--bench_grads=manual",
-            "--bench_steps_per_call=5", "--bench_devices=1,2", "--bench_repeats=1", "--bench_max_row_seconds=0.1",
+    run_cli("--mode=benchmark", eight, "--bench_layer_sizes=784,10,10", "--bench_batch_sizes=16",
+            "--bench_grads=manual", "--bench_steps_per_call=5", "--bench_devices=1,2", "--bench_repeats=1",
+            "--bench_max_row_seconds=0.1",
             f"--workdir={tmp_path / 'bench'}", cache_dir=cache_dir)
     rows = json.loads((tmp_path / "bench" / "benchmark.json").read_text())["rows"]
     assert [(r["num_devices"], r["mesh"]) for r in rows] == [(1, "1x1"), (2, "1x2")]

@@ -358,7 +358,7 @@ def test_save_preprocessed_round_trips(tmp_path):
     paths = ["in/one.png", "in/two.jpg", "other/one.bmp"]  # two share the stem "one"
     written = predict.save_preprocessed(images, paths, tmp_path / "out")
     assert [p.name for p in written] == ["one_28x28.png", "two_28x28.png", "one_2_28x28.png"]
-    for image, path in zip(images, written):
+    for image, path in zip(images, written, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
 
 

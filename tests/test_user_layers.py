@@ -53,8 +53,8 @@ def modules(tmp_path_factory):
 
 def test_the_contract_example_in_every_mode(modules, cache_dir, tmp_path):
     env = {**ENV, "PYTHONPATH": f"{ENV['PYTHONPATH']}:{modules}"}  # importable by name
-    check = run_cli("--mode=gradcheck", "--layer_modules=my_layers", STACK, "--x64", *CHECK, f"--workdir={tmp_path / 'g'}",
-                    cache_dir=cache_dir, env=env)
+    check = run_cli("--mode=gradcheck", "--layer_modules=my_layers", STACK, "--x64", *CHECK,
+                    f"--workdir={tmp_path / 'g'}", cache_dir=cache_dir, env=env)
     assert "Verdict: PASS" in check.stdout and "gain" in check.stdout
     assert "layer1.g" in check.stdout  # the user's leaf, checked against jax.grad and finite differences
     run = tmp_path / "run"
@@ -64,8 +64,9 @@ def test_the_contract_example_in_every_mode(modules, cache_dir, tmp_path):
     assert json.loads((run / "config.json").read_text())["config"]["layer_modules"] == ["my_layers"]
     evaluated = run_cli("--mode=eval", f"--workdir={run}", cache_dir=cache_dir, env=env)
     assert "test" in evaluated.stdout
-    bench = run_cli("--mode=benchmark", "--layer_modules=my_layers", "--bench_layer_sizes=conv3x3:8,gain,maxpool2,dense:10",
-                    "--bench_batch_sizes=10", "--bench_steps_per_call=10", "--bench_repeats=1", *TINY,
+    bench = run_cli("--mode=benchmark", "--layer_modules=my_layers",
+                    "--bench_layer_sizes=conv3x3:8,gain,maxpool2,dense:10", "--bench_batch_sizes=10",
+                    "--bench_steps_per_call=10", "--bench_repeats=1", *TINY,
                     f"--workdir={tmp_path / 'b'}", cache_dir=cache_dir, env=env)
     assert "manual" in bench.stdout and "autodiff" in bench.stdout and "gain" in bench.stdout
 

@@ -8,14 +8,25 @@ modules (`--layer_modules`) add kinds the same way. See `base` for the contract 
 The backward functions use no autodiff: `tests/test_backprop.py` reads their source to check.
 """
 
-from digits.layers.base import (Layer, batch_sum, data_axis, import_modules, parse_layer, parse_stack, register,
-                                registered, split_top_level, stack_text, usage)
-from digits.layers.dense import Dense
-from digits.layers.conv import Conv
-from digits.layers.pool import AvgPool, GlobalAvgPool, MaxPool, Pool
-from digits.layers.dropout import Dropout
 from digits.layers.activations import Gelu, LeakyRelu, Relu, Sigmoid, Tanh, implicit
+from digits.layers.base import (
+    Layer,
+    batch_sum,
+    data_axis,
+    import_modules,
+    parse_layer,
+    parse_stack,
+    register,
+    registered,
+    split_top_level,
+    stack_text,
+    usage,
+)
+from digits.layers.conv import Conv
+from digits.layers.dense import Dense
+from digits.layers.dropout import Dropout
 from digits.layers.normalization import BatchNorm, LayerNorm
+from digits.layers.pool import AvgPool, GlobalAvgPool, MaxPool, Pool
 from digits.layers.residual import Residual
 from digits.layers.vjp import as_function
 

@@ -73,7 +73,7 @@ class Layer:
             fail(token, f"takes at most {len(fields)} argument(s) ({cls.usage()})")
         hints = typing.get_type_hints(cls)
         values = []
-        for f, text in zip(fields, args):
+        for f, text in zip(fields, args, strict=False):  # trailing fields keep their defaults
             kind = hints[f.name]
             try:
                 values.append(kind(text) if kind in (int, float, str) else text)

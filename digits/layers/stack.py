@@ -45,12 +45,12 @@ def init(layers, in_shape, key, dtype, options: dict) -> list[dict]:
     original all-dense network."""
     in_shapes = (tuple(in_shape),) + output_shapes(layers, in_shape)[:-1]
     probe = jax.random.PRNGKey(0)
-    has_params = [bool(jax.tree.leaves(jax.eval_shape(lambda k, l=layer, s=shape: _init_layer(l, k, k, s, dtype, options),
-                                                      probe)))
-                  for layer, shape in zip(layers, in_shapes)]
+    has_params = [bool(jax.tree.leaves(jax.eval_shape(
+                      lambda k, layer=layer, shape=shape: _init_layer(layer, k, k, shape, dtype, options), probe)))
+                  for layer, shape in zip(layers, in_shapes, strict=True)]
     keys = jax.random.split(key, 2 * sum(has_params))
     params, j = [], 0
-    for layer, shape, has in zip(layers, in_shapes, has_params):
+    for layer, shape, has in zip(layers, in_shapes, has_params, strict=True):
         params.append(_init_layer(layer, keys[2 * j], keys[2 * j + 1], shape, dtype, options) if has else {})
         j += has
     return params
@@ -59,7 +59,7 @@ def init(layers, in_shape, key, dtype, options: dict) -> list[dict]:
 def init_state(layers, in_shape, dtype) -> list[dict]:
     """Model state, one dict per layer ({} for kinds without state)."""
     in_shapes = (tuple(in_shape),) + output_shapes(layers, in_shape)[:-1]
-    return [layer.init_state(shape, dtype) for layer, shape in zip(layers, in_shapes)]
+    return [layer.init_state(shape, dtype) for layer, shape in zip(layers, in_shapes, strict=True)]
 
 
 def forward(layers, activation, params, x, key=None, state=None):
@@ -68,7 +68,7 @@ def forward(layers, activation, params, x, key=None, state=None):
     Training mode without `state` (layer l's dropout draws from fold_in(key, l)); evaluation mode
     with it."""
     caches, a = [], x
-    for index, (layer, flag) in enumerate(zip(layers, implicit_flags(layers, activation))):
+    for index, (layer, flag) in enumerate(zip(layers, implicit_flags(layers, activation), strict=True)):
         if state is None:
             a, cache = layer.forward(params[index], a, None if key is None else jax.random.fold_in(key, index))
         else:
@@ -83,30 +83,30 @@ def forward(layers, activation, params, x, key=None, state=None):
 def backward(layers, activation, params, caches, dy, need_dx: bool, state=None):
     """The reverse walk: dy = dC/dy of the stack's output -> (grads like params, dx or None).
 
-    At layer l: through its implicit activation, dZ_l = dA_l * f'(z_l); then its own backward,
-    which gives its grads and dA_{l-1}. The input's dx is skipped unless `need_dx`.
+    At layer i: through its implicit activation, dZ_i = dA_i * f'(z_i); then its own backward,
+    which gives its grads and dA_{i-1}. The input's dx is skipped unless `need_dx`.
     """
     grads = [None] * len(layers)
-    for l in reversed(range(len(layers))):
-        cache, act_cache = caches[l]
+    for i in reversed(range(len(layers))):
+        cache, act_cache = caches[i]
         if act_cache is not None:
             _, dy = activation.backward({}, act_cache, dy)
         if state is None:
-            grads[l], dy = layers[l].backward(params[l], cache, dy, need_dx or l > 0)
+            grads[i], dy = layers[i].backward(params[i], cache, dy, need_dx or i > 0)
         else:
-            grads[l], dy = layers[l].backward_infer(params[l], state[l], cache, dy, need_dx or l > 0)
+            grads[i], dy = layers[i].backward_infer(params[i], state[i], cache, dy, need_dx or i > 0)
     return grads, dy
 
 
 def next_state(layers, state, caches) -> list[dict]:
     """Model state after a training step, from the training forward pass's caches."""
-    return [layer.next_state(s, cache) for layer, s, (cache, _) in zip(layers, state, caches)]
+    return [layer.next_state(s, cache) for layer, s, (cache, _) in zip(layers, state, caches, strict=True)]
 
 
 def effective_text(layers, activation) -> str:
     """The stack with its implicit activations written in (what the run header prints)."""
     tokens = []
-    for layer, flag in zip(layers, implicit_flags(layers, activation)):
+    for layer, flag in zip(layers, implicit_flags(layers, activation), strict=True):
         tokens.append(layer.effective_text())
         if flag:
             tokens.append(activation.text)

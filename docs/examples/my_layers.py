@@ -1,7 +1,10 @@
 # my_layers.py
 import dataclasses
+
 import jax.numpy as jnp
+
 from digits import layers
+
 
 @layers.register("gain")
 @dataclasses.dataclass(frozen=True)

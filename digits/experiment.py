@@ -170,7 +170,8 @@ def load_dataset(config: Config) -> data.Dataset:
         raise UsageError(str(e)) from None
     if config.train_examples:
         if config.train_examples > len(dataset.train):
-            raise ConfigError(f"train_examples={config.train_examples} exceeds the {len(dataset.train)} training images")
+            raise ConfigError(f"train_examples={config.train_examples} exceeds the {len(dataset.train)} training "
+                              "images")
         n = config.train_examples
         dataset = dataclasses.replace(dataset, train=data.Split(dataset.train.images[:n], dataset.train.labels[:n]))
     return dataset
@@ -285,7 +286,8 @@ PART_TIMINGS = ("compile_s", "eval_compile_s", "train_s", "eval_s", "steps_timed
 def _fold_audits(audits: list[dict]) -> dict:
     """The manual-vs-jax.grad audit of several parts as one: checks add up, worst errors stay."""
     worst = {k: max(a.get(k, 0.0) for a in audits) for k in ("max_violation", "max_relative_error", "max_abs_error")}
-    return {"count": sum(a.get("count", 0) for a in audits), **worst, "passed": all(a.get("passed", True) for a in audits)}
+    return {"count": sum(a.get("count", 0) for a in audits), **worst,
+            "passed": all(a.get("passed", True) for a in audits)}
 
 
 def _total_timings(parts: list[dict], plan: train.Plan) -> dict:
@@ -641,7 +643,8 @@ def _print_final(summary: dict, workdir: pathlib.Path) -> None:
             d = across[key]
             diverged = sum(m["diverged"] for m in summary.get("models", []))
             print(f"{name}{d['mean']:.4f} ± {d['std']:.4f}, mean ± std over {summary['num_models'] - diverged} models "
-                  f"(min {d['min']:.4f}, max {d['max']:.4f})" + (f"; {diverged} diverged, left out" if diverged else ""))
+                  f"(min {d['min']:.4f}, max {d['max']:.4f})"
+                  + (f"; {diverged} diverged, left out" if diverged else ""))
         else:
             print(f"{name}{final[key]:.4f}")
     if "best_validation" in summary:

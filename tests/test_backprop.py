@@ -27,7 +27,10 @@ def _problem(depth, activation, output, cost, dtype, l2=0.0, batch=16, init="glo
 
 def _relative_error(manual, auto):
     diff = jax.tree.map(lambda m, a: m - a, manual, auto)
-    sq = lambda t: sum(float(jnp.sum(leaf.astype(jnp.float64) ** 2)) for leaf in jax.tree.leaves(t))
+
+    def sq(t):
+        return sum(float(jnp.sum(leaf.astype(jnp.float64) ** 2)) for leaf in jax.tree.leaves(t))
+
     return (sq(diff) / sq(auto)) ** 0.5
 
 
@@ -58,7 +61,8 @@ class BackpropVsAutodiffFloat64(parameterized.TestCase):
 
 
 @pytest.mark.parametrize("activation", model.HIDDEN_ACTIVATIONS)
-@pytest.mark.parametrize("output,cost", [("softmax", "cross_entropy"), ("softmax", "quadratic"), ("sigmoid", "quadratic")])
+@pytest.mark.parametrize("output,cost",
+                         [("softmax", "cross_entropy"), ("softmax", "quadratic"), ("sigmoid", "quadratic")])
 def test_float32_matches_and_keeps_dtype(activation, output, cost):
     spec, params, batch = _problem(2, activation, output, cost, jnp.float32, l2=0.01, init="uniform")
     _, manual = backprop.value_and_grad(params, batch, spec)
@@ -79,7 +83,7 @@ def test_l2_gradient_is_l2_times_w():
     _, plain = backprop.value_and_grad(params, batch, spec)
     spec_l2 = model.MLPSpec(spec.layer_sizes, spec.activation, spec.output, spec.cost, spec.init, l2=0.5)
     _, with_l2 = backprop.value_and_grad(params, batch, spec_l2)
-    for layer, p, q in zip(params, plain, with_l2):
+    for layer, p, q in zip(params, plain, with_l2, strict=True):
         chex.assert_trees_all_close(q["w"] - p["w"], 0.5 * layer["w"], atol=1e-6)
         chex.assert_trees_all_close(q["b"], p["b"])
 
@@ -107,11 +111,10 @@ def test_autodiff_value_and_grad_is_jax_grad_of_the_loss():
 def test_manual_path_uses_no_autodiff():
     """The hand-derived functions (and every layer's backward) name no autodiff transformation."""
     import ast
-    import inspect
-    import textwrap
-
     import importlib
+    import inspect
     import pkgutil
+    import textwrap
 
     from digits import layers
     from digits.layers import stack

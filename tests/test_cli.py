@@ -67,7 +67,8 @@ def test_different_config_in_workdir_is_refused_then_overwritten(trained, cache_
     shutil.copytree(workdir, copy)
     refused = run_cli(*TINY, "--learning_rate=0.5", f"--workdir={copy}", cache_dir=cache_dir, check=False)
     assert refused.returncode != 0
-    assert "different config" in refused.stderr and "learning_rate" in refused.stderr and "Traceback" not in refused.stderr
+    assert "different config" in refused.stderr and "learning_rate" in refused.stderr
+    assert "Traceback" not in refused.stderr
     run_cli(*TINY, "--learning_rate=0.5", "--epochs=1", f"--workdir={copy}", "--overwrite", cache_dir=cache_dir)
     assert json.loads((copy / "summary.json").read_text())["config"]["learning_rate"] == 0.5
 
@@ -176,7 +177,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(cache_dir, tmp_path):
 
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), f"--cache_dir={cache_dir}", *args,
-                                f"--workdir={killed}"], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                f"--workdir={killed}"], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not checkpoint.list_steps(killed / "checkpoints"):
         time.sleep(0.05)
@@ -187,7 +189,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(cache_dir, tmp_path):
 
     resumed = run_cli(*args, f"--workdir={killed}", cache_dir=cache_dir)
     assert f"Resuming from the checkpoint at step {killed_at}" in resumed.stdout
-    final = lambda w: json.loads((w / "summary.json").read_text())["final"]
+
+    def final(workdir):
+        return json.loads((workdir / "summary.json").read_text())["final"]
+
     assert final(killed) == final(reference)
     steps = [r["step"] for r in report.read_metrics(killed / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 3000
@@ -207,7 +212,8 @@ def test_gradcheck_mode_in_float64_passes(cache_dir, tmp_path):
 
 def test_help_documents_every_flag(cache_dir):
     result = run_cli("--help", cache_dir=cache_dir, check=False)
-    for flag in ("--layer_sizes", "--grad", "--optimizer", "--schedule", "--num_seeds", "--bench_layer_sizes", "--images"):
+    for flag in ("--layer_sizes", "--grad", "--optimizer", "--schedule", "--num_seeds", "--bench_layer_sizes",
+                 "--images"):
         assert flag in result.stdout
 
 
@@ -239,7 +245,8 @@ def test_predict_on_saved_mnist_digits_agrees_with_the_model(predictor, cache_di
     trained = experiment.load_trained(workdir)
     spec = trained.plan.spec
     originals = mnist_splits.test.images[:12]
-    expected = np.asarray(jnp.argmax(model.logits(trained.params, model.inputs(jnp.asarray(originals), spec), spec), -1))
+    logits = model.logits(trained.params, model.inputs(jnp.asarray(originals), spec), spec)
+    expected = np.asarray(jnp.argmax(logits, -1))
     folder = tmp_path / "digits"
     folder.mkdir()
     for i, image in enumerate(originals):
@@ -266,7 +273,8 @@ def test_predict_reports_bad_files_and_still_classifies_the_rest(predictor, cach
     (tmp_path / "notes.png").write_text("this is not an image")
     (tmp_path / "empty.png").write_bytes(b"")
     result = run_cli("--mode=predict", f"--workdir={workdir}",
-                     f"--images={good},{tmp_path / 'notes.png'},{tmp_path / 'empty.png'}", cache_dir=cache_dir, check=False)
+                     f"--images={good},{tmp_path / 'notes.png'},{tmp_path / 'empty.png'}", cache_dir=cache_dir,
+                     check=False)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and any("notes.png" in e for e in errors) and any("empty.png" in e for e in errors)
@@ -319,7 +327,8 @@ def test_idx_dataset_of_another_shape_trains_end_to_end(cache_dir, tmp_path):
         data.write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", labels)
     args = ["--data_source=idx", f"--idx_dir={tmp_path}", "--validation_size=100", "--optimizer=sgd", "--batch_size=20",
             "--epochs=3", "--init=glorot"]
-    wrong = run_cli(*args, "--layer_sizes=784,16,10", f"--workdir={tmp_path / 'wrong'}", cache_dir=cache_dir, check=False)
+    wrong = run_cli(*args, "--layer_sizes=784,16,10", f"--workdir={tmp_path / 'wrong'}", cache_dir=cache_dir,
+                    check=False)
     assert wrong.returncode == 2 and "must start with 400" in wrong.stderr
     run_cli(*args, "--layer_sizes=400,16,3", f"--workdir={tmp_path / 'run'}", cache_dir=cache_dir)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -63,7 +63,8 @@ def test_evaluation_batches_keep_the_conv_nets_temporaries_within_the_budget():
     assert train.eval_batch_size(spec, jnp.float32, models=4) == train.EVAL_MEMORY_BUDGET // (4 * per_example)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec))
     images, labels = jax.ShapeDtypeStruct((2000, 28, 28), jnp.uint8), jax.ShapeDtypeStruct((2000,), jnp.int32)
-    compiled = jax.jit(train.make_evaluate(spec, jnp.float32)).lower(params, images, labels, model.init_state(spec)).compile()
+    lowered = jax.jit(train.make_evaluate(spec, jnp.float32)).lower(params, images, labels, model.init_state(spec))
+    compiled = lowered.compile()
     assert compiled.memory_analysis().temp_size_in_bytes <= train.EVAL_MEMORY_BUDGET
     dense = model.MLPSpec((784, 800, 800, 10))
     assert 1000 <= train.eval_batch_size(dense, jnp.float32) <= train.MAX_EVAL_BATCH
@@ -166,7 +167,7 @@ def test_label_smoothing_gradients_agree_in_float64(output, cost):
         loss, manual = jax.jit(backprop.value_and_grad, static_argnums=2)(params, batch, spec)
         auto_loss, auto = jax.jit(backprop.autodiff_value_and_grad, static_argnums=2)(params, batch, spec)
         assert abs(float(loss - auto_loss)) <= 1e-12
-        for m, a in zip(jax.tree.leaves(manual), jax.tree.leaves(auto)):
+        for m, a in zip(jax.tree.leaves(manual), jax.tree.leaves(auto), strict=True):
             assert m.dtype == jnp.float64
             np.testing.assert_allclose(m, a, rtol=1e-9, atol=1e-13)
 

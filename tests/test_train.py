@@ -19,7 +19,10 @@ SMALL = dict(layer_sizes=(784, 16, 10), optimizer="sgd", init="glorot", learning
 @pytest.fixture(scope="module")
 def small(mnist_splits):
     """2000 train, 1000 validation, 1000 test images of the packaged MNIST."""
-    cut = lambda split, n: data.Split(split.images[:n], split.labels[:n])
+
+    def cut(split, n):
+        return data.Split(split.images[:n], split.labels[:n])
+
     return dataclasses.replace(mnist_splits, train=cut(mnist_splits.train, 2000),
                                validation=cut(mnist_splits.validation, 1000), test=cut(mnist_splits.test, 1000))
 
@@ -78,10 +81,11 @@ def test_the_loop_reshuffles_every_epoch(small):
     """Fails if the loop reuses one data order: the real loop must equal SGD with per-epoch permutations."""
     config = Config(**{**SMALL, "epochs": 2})
     _, result = fit(config, small)
-    chex.assert_trees_all_close(result.state.params, _reference_sgd(config, small, reshuffle=True), atol=1e-5, rtol=1e-4)
+    chex.assert_trees_all_close(result.state.params, _reference_sgd(config, small, reshuffle=True),
+                                atol=1e-5, rtol=1e-4)
     stale = _reference_sgd(config, small, reshuffle=False)  # the test can tell the two apart
-    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(result.state.params),
-                                                               jax.tree.leaves(stale))) > 1e-3
+    assert max(float(jnp.max(jnp.abs(a - b)))
+               for a, b in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(stale), strict=True)) > 1e-3
 
 
 def test_manual_and_autodiff_training_agree(small):
@@ -95,7 +99,10 @@ def test_two_runs_give_bit_identical_metrics(small):
     first, second = Recorder(), Recorder()
     fit(Config(**{**SMALL, "epochs": 2}), small, hooks=[first])
     fit(Config(**{**SMALL, "epochs": 2}), small, hooks=[second])
-    strip = lambda records: [{k: v for k, v in r.items() if k != "examples_per_s"} for r in records]
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "examples_per_s"} for r in records]
+
     assert strip(first.records) == strip(second.records)
 
 
@@ -116,9 +123,10 @@ def test_optimizer_matches_optax_reference():
     """Our learning-rate-outside-the-transformation form equals optax.adamw / sgd momentum."""
     params = {"w": jnp.array([1.0, -2.0, 3.0])}
     grads = [{"w": jnp.array([0.1, 0.2, -0.3]) * (i + 1)} for i in range(5)]
-    for name, reference in [("adamw", optax.adamw(0.01, weight_decay=1e-4)), ("momentum", optax.sgd(0.01, momentum=0.9)),
-                            ("nesterov", optax.sgd(0.01, momentum=0.9, nesterov=True)), ("sgd", optax.sgd(0.01)),
-                            ("gd", optax.sgd(0.01))]:
+    references = [("adamw", optax.adamw(0.01, weight_decay=1e-4)), ("momentum", optax.sgd(0.01, momentum=0.9)),
+                  ("nesterov", optax.sgd(0.01, momentum=0.9, nesterov=True)), ("sgd", optax.sgd(0.01)),
+                  ("gd", optax.sgd(0.01))]
+    for name, reference in references:
         ours = train.make_optimizer(Config(optimizer=name, learning_rate=0.01), total_steps=5, steps_per_epoch=5)
         p_ours, s_ours, p_ref, s_ref = params, ours.init(params), params, reference.init(params)
         for g in grads:
@@ -134,7 +142,8 @@ def test_vmapped_seeds_equal_separate_runs(small):
     _, stacked = fit(config, small)
     for lane in range(3):
         _, alone = fit(dataclasses.replace(config, num_seeds=1, seed=5 + lane), small)
-        chex.assert_trees_all_close(jax.tree.map(lambda x: x[lane], stacked.state.params), alone.state.params,
+        one_lane = jax.tree.map(lambda x, lane=lane: x[lane], stacked.state.params)
+        chex.assert_trees_all_close(one_lane, alone.state.params,
                                     atol=1e-6, rtol=1e-5)
 
 
@@ -204,7 +213,10 @@ CONV = dict(layers="conv3x3:4,maxpool2,dropout:0.25,dense:10", activation="relu"
 
 @pytest.fixture(scope="module")
 def tiny(small):
-    cut = lambda split, n: data.Split(split.images[:n], split.labels[:n])
+
+    def cut(split, n):
+        return data.Split(split.images[:n], split.labels[:n])
+
     return dataclasses.replace(small, train=cut(small.train, 400), validation=cut(small.validation, 200))
 
 

@@ -1,4 +1,5 @@
-"""On-device augmentation of uint8 image batches: integer shifts, rotations and scalings.
+"""On-device augmentation of uint8 image batches: integer shifts, rotations, scalings and elastic
+distortions (Simard et al. 2003).
 
 Pure functions of a PRNG key, built to run inside the compiled training chunk (under `jax.jit`,
 inside `lax.fori_loop`, under `jax.vmap` over models). Pass `fold_in(key, step)` so a resumed
@@ -13,6 +14,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,15 +28,23 @@ class Augmentation:
     angle: degrees, uniform on [-max_rotation, +max_rotation]; positive turns the content
         counter-clockwise as displayed (row 0 at the top), about the centre ((H-1)/2, (W-1)/2).
     scale: uniform on [1 - max_scale, 1 + max_scale]; > 1 enlarges the content about the centre.
+    elastic (Simard, Steinkraus and Platt 2003): a displacement field of independent U(-1, 1)
+        values per pixel and axis, smoothed by a Gaussian of std `elastic_sigma` pixels
+        (`scipy.ndimage.gaussian_filter(..., mode="constant", truncate=4)`) and scaled by
+        `elastic_alpha` pixels; output pixel p samples the input at p + field(p), after the
+        affine map. Off with elastic_alpha = 0.
 
-    With max_rotation = max_scale = 0 the shift is exact (pixels are copied). Otherwise shift,
-    rotation and scale are one affine map, resampled once with bilinear interpolation in float32
-    (zero outside the image), rounded half-to-even and clipped to [0, 255].
+    With max_rotation = max_scale = elastic_alpha = 0 the shift is exact (pixels are copied).
+    Otherwise shift, rotation, scale and the elastic field are one map, resampled once with
+    bilinear interpolation in float32 (zero outside the image), rounded half-to-even and clipped
+    to [0, 255].
     """
 
     max_shift: int = 0
     max_rotation: float = 0.0
     max_scale: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 4.0
 
     def __post_init__(self):
         if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, numbers.Integral) or self.max_shift < 0:
@@ -43,14 +53,18 @@ class Augmentation:
             raise ValueError(f"max_rotation must be a finite number of degrees in [0, 180], got {self.max_rotation!r}")
         if not _is_real(self.max_scale) or not 0 <= self.max_scale < 1:
             raise ValueError(f"max_scale must be a finite number in [0, 1), got {self.max_scale!r}")
+        if not _is_real(self.elastic_alpha) or self.elastic_alpha < 0:
+            raise ValueError(f"elastic_alpha must be a finite number >= 0, got {self.elastic_alpha!r}")
+        if not _is_real(self.elastic_sigma) or self.elastic_sigma <= 0:
+            raise ValueError(f"elastic_sigma must be a finite number > 0, got {self.elastic_sigma!r}")
 
     @property
     def is_identity(self) -> bool:
-        return self.max_shift == 0 and self.max_rotation == 0 and self.max_scale == 0
+        return self.max_shift == 0 and self.is_shift_only
 
     @property
     def is_shift_only(self) -> bool:
-        return self.max_rotation == 0 and self.max_scale == 0
+        return self.max_rotation == 0 and self.max_scale == 0 and self.elastic_alpha == 0
 
 
 def _is_real(value) -> bool:
@@ -58,12 +72,14 @@ def _is_real(value) -> bool:
 
 
 def augment(key: jax.Array, images: jax.Array, max_shift: int = 0, max_rotation: float = 0.0,
-            max_scale: float = 0.0) -> jax.Array:
+            max_scale: float = 0.0, elastic_alpha: float = 0.0, elastic_sigma: float = 4.0) -> jax.Array:
     """uint8 (B, H, W) or (B, H, W, C) -> the same shape and dtype; see `Augmentation`.
 
-    The max_* arguments are static Python numbers. All zero returns `images` itself.
+    The max_* and elastic_* arguments are static Python numbers. All zero returns `images`
+    itself. The elastic field draws from fold_in(key, 3), so the shifts, angles and scales of a
+    key are the same with and without it.
     """
-    aug = Augmentation(max_shift, max_rotation, max_scale)
+    aug = Augmentation(max_shift, max_rotation, max_scale, elastic_alpha, elastic_sigma)
     _check_images(images)
     if aug.is_identity:
         return images
@@ -75,7 +91,33 @@ def augment(key: jax.Array, images: jax.Array, max_shift: int = 0, max_rotation:
         return shift(images, dx, dy, aug.max_shift)
     angle = jax.random.uniform(angle_key, (batch,), jnp.float32, -aug.max_rotation, aug.max_rotation)
     scale = jax.random.uniform(scale_key, (batch,), jnp.float32, 1 - aug.max_scale, 1 + aug.max_scale)
-    return warp(images, dx, dy, angle, scale)
+    field = None
+    if aug.elastic_alpha:
+        field = elastic_field(jax.random.fold_in(key, 3), batch, images.shape[1:3], aug.elastic_alpha,
+                              aug.elastic_sigma)
+    return warp(images, dx, dy, angle, scale, field)
+
+
+def gaussian_matrix(size: int, sigma: float) -> np.ndarray:
+    """(size, size) float32 G with (G v)[i] = sum_j g(i - j) v[j]: the normalised Gaussian of std
+    `sigma` truncated at radius int(4 sigma + 0.5), zero beyond the ends (scipy.ndimage's
+    gaussian_filter1d with mode="constant"). A constant of the compiled program."""
+    radius = int(4.0 * sigma + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    offsets = np.arange(size)[:, None] - np.arange(size)[None, :]
+    return np.where(np.abs(offsets) <= radius, taps[np.clip(offsets + radius, 0, 2 * radius)], 0.0).astype(np.float32)
+
+
+def elastic_field(key: jax.Array, batch: int, shape: tuple[int, int], alpha: float, sigma: float) -> jax.Array:
+    """Simard's displacement fields: float32 (B, H, W, 2), (rows, columns) in pixels, alpha times
+    U(-1, 1) noise smoothed by a Gaussian of std sigma (two small matmuls per field)."""
+    height, width = shape
+    # Drawn flat: XLA:CPU takes ~15 s to compile a 4-d threefry draw of this size, 1 s a flat one.
+    noise = jax.random.uniform(key, (batch * 2 * height * width,), jnp.float32, -1.0, 1.0)
+    noise = noise.reshape(batch, 2, height, width)
+    smooth = jnp.einsum("hi,bcij,wj->bhwc", gaussian_matrix(height, sigma), noise, gaussian_matrix(width, sigma))
+    return alpha * smooth
 
 
 def _check_images(images) -> None:
@@ -100,20 +142,25 @@ def shift(images: jax.Array, dx: jax.Array, dy: jax.Array, max_shift: int) -> ja
     return jax.vmap(cut)(padded, dy, dx)
 
 
-def warp(images: jax.Array, dx: jax.Array, dy: jax.Array, angle: jax.Array, scale: jax.Array) -> jax.Array:
+def warp(images: jax.Array, dx: jax.Array, dy: jax.Array, angle: jax.Array, scale: jax.Array,
+         field: jax.Array | None = None) -> jax.Array:
     """Shift, rotate (degrees, counter-clockwise) and scale each image about its centre, bilinearly.
 
-    images uint8 (B, H, W[, C]); dx, dy, angle, scale (B,). Output pixel p samples the input at
-    c + R(-angle) (p - c - (dy, dx)) / scale, c = ((H-1)/2, (W-1)/2); outside the image is 0.
+    images uint8 (B, H, W[, C]); dx, dy, angle, scale (B,); field: None or (B, H, W, 2) elastic
+    displacements (rows, columns). Output pixel p samples the input at
+    c + R(-angle) (p - c - (dy, dx)) / scale + field(p), c = ((H-1)/2, (W-1)/2); outside is 0.
     """
     squeeze = images.ndim == 3
     x = images[..., None] if squeeze else images
-    out = jax.vmap(_warp_one)(x, dx, dy, angle, scale)
+    if field is None:
+        out = jax.vmap(_warp_one)(x, dx, dy, angle, scale)
+    else:
+        out = jax.vmap(_warp_one)(x, dx, dy, angle, scale, field)
     return out[..., 0] if squeeze else out
 
 
-def _warp_one(image, dx, dy, angle, scale):
-    """image uint8 (H, W, C); scalars -> uint8 (H, W, C)."""
+def _warp_one(image, dx, dy, angle, scale, field=None):
+    """image uint8 (H, W, C); scalars; field None or (H, W, 2) -> uint8 (H, W, C)."""
     height, width, channels = image.shape
     cy, cx = (height - 1) / 2, (width - 1) / 2
     rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
@@ -124,6 +171,8 @@ def _warp_one(image, dx, dy, angle, scale):
     cos, sin = jnp.cos(theta) / scale, jnp.sin(theta) / scale
     src_col = cx + cos * u - sin * v
     src_row = cy + sin * u + cos * v
+    if field is not None:
+        src_row, src_col = src_row + field[..., 0], src_col + field[..., 1]
     row0, col0 = jnp.floor(src_row), jnp.floor(src_col)
     fr, fc = (src_row - row0)[..., None], (src_col - col0)[..., None]
     row0, col0 = row0.astype(jnp.int32), col0.astype(jnp.int32)

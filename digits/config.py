@@ -193,6 +193,12 @@ class Config:
                                 "data: 1).", lower=0, upper=8, group="augmentation")
     augment_rotation: float = option(0.0, "Random rotations of up to this many degrees.", lower=0, upper=180)
     augment_scale: float = option(0.0, "Random scaling by a factor in [1 - s, 1 + s].", lower=0, below=1)
+    augment_elastic_alpha: float = option(0.0, "Elastic distortions (Simard et al. 2003): a random displacement field, "
+                                          "U(-1, 1) per pixel smoothed by a Gaussian of std --augment_elastic_sigma, "
+                                          "times this many pixels (Simard: 34 with sigma 4; 0: off).", lower=0,
+                                          upper=100)
+    augment_elastic_sigma: float = option(4.0, "Std of the elastic field's Gaussian smoothing, in pixels.", above=0,
+                                          upper=28)
     # outputs
     checkpoint_every: int = option(0, "Checkpoint every N steps (0: only at the end).", lower=0,
                                    fingerprint=False, group="outputs")
@@ -382,6 +388,8 @@ def _check_combination(c: Config) -> None:
              f"warmup_steps={c.warmup_steps} must be below steps={c.steps} for one_cycle")
     _require(not (c.warmup_steps and c.schedule not in ("warmup_cosine", "one_cycle")),
              "warmup_steps needs schedule=warmup_cosine or one_cycle")
+    _require(c.augment_elastic_alpha or c.augment_elastic_sigma == _default("augment_elastic_sigma"),
+             "augment_elastic_sigma needs augment_elastic_alpha > 0")
     for name in ("one_cycle_div_factor", "one_cycle_final_div_factor"):
         _require(c.schedule == "one_cycle" or getattr(c, name) == _default(name), f"{name} needs schedule=one_cycle")
     for name in ("adam_b1", "adam_b2", "adam_eps"):

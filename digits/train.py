@@ -370,7 +370,8 @@ def make_train_chunk(plan: Plan):
         value_and_grad = backprop.data_parallel(value_and_grad, parallel.DATA, shards)
         reference = backprop.data_parallel(reference, parallel.DATA, shards)
     audit_every = config.audit_every if config.grad == "both" else 0
-    augmenting = bool(config.augment_shift or config.augment_rotation or config.augment_scale)
+    augmenting = bool(config.augment_shift or config.augment_rotation or config.augment_scale
+                      or config.augment_elastic_alpha)
     needs_keys = augmenting or spec.has_dropout
     prescale = plan.full_batch and not augmenting  # then every step reads the same inputs: convert them once
 
@@ -390,7 +391,7 @@ def make_train_chunk(plan: Plan):
             images, labels = images[idx], labels[idx]
         if augmenting:
             images = augment.augment(shard_key(augment_key), images, config.augment_shift, config.augment_rotation,
-                                     config.augment_scale)
+                                     config.augment_scale, config.augment_elastic_alpha, config.augment_elastic_sigma)
         return model.inputs(images, spec, dtype), labels
 
     def audit_step(state, batch, grads, dropout_key, stats):

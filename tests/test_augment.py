@@ -1,4 +1,5 @@
-"""Tests for digits.augment: exact shifts, determinism, jit / fori_loop / vmap, rotation and scale."""
+"""Tests for digits.augment: exact shifts, determinism, jit / fori_loop / vmap, rotation, scale and
+elastic distortions."""
 
 import chex
 import jax
@@ -10,7 +11,8 @@ from digits import augment
 
 KEY = jax.random.PRNGKey(0)
 # Compiled once per shape and setting: eager dispatch of the many small ops would dominate the run time.
-run = jax.jit(augment.augment, static_argnames=("max_shift", "max_rotation", "max_scale"))
+run = jax.jit(augment.augment, static_argnames=("max_shift", "max_rotation", "max_scale", "elastic_alpha",
+                                               "elastic_sigma"))
 warp = jax.jit(augment.warp)
 shift = jax.jit(augment.shift, static_argnums=3)
 
@@ -83,7 +85,8 @@ def test_shift_larger_than_the_image_gives_blank_images():
         assert matching_shifts(image, result, 5)
 
 
-@pytest.mark.parametrize("settings", [dict(max_shift=1), dict(max_shift=1, max_rotation=15.0, max_scale=0.1)])
+@pytest.mark.parametrize("settings", [dict(max_shift=1), dict(max_shift=1, max_rotation=15.0, max_scale=0.1),
+                                      dict(elastic_alpha=34.0)])
 def test_deterministic_from_the_key(settings):
     images = random_images((16, 28, 28))
     first = run(jax.random.PRNGKey(1), images, **settings)
@@ -91,7 +94,8 @@ def test_deterministic_from_the_key(settings):
     assert not np.array_equal(first, run(jax.random.PRNGKey(2), images, **settings))
 
 
-@pytest.mark.parametrize("settings", [dict(max_shift=2), dict(max_shift=1, max_rotation=10.0, max_scale=0.1)])
+@pytest.mark.parametrize("settings", [dict(max_shift=2), dict(max_shift=1, max_rotation=10.0, max_scale=0.1),
+                                      dict(max_shift=1, elastic_alpha=8.0, elastic_sigma=2.0)])
 def test_same_result_in_jit_fori_loop_and_vmapped_models(settings):
     images = random_images((5, 10, 10))
     keys = jax.random.split(KEY, 3)
@@ -184,6 +188,8 @@ def test_rotation_and_shift_together_move_the_centre_by_at_most_the_shift():
     (dict(max_scale=1.0), "max_scale"),
     (dict(max_scale=-0.1), "max_scale"),
     (dict(max_scale=float("inf")), "max_scale"),
+    (dict(elastic_alpha=-1.0), "elastic_alpha"),
+    (dict(elastic_alpha=1.0, elastic_sigma=0.0), "elastic_sigma"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -195,3 +201,25 @@ def test_bad_images_raise_value_error():
         augment.augment(KEY, jnp.zeros((2, 4, 4), jnp.float32), max_shift=1)
     with pytest.raises(ValueError, match="uint8"):
         augment.augment(KEY, jnp.zeros((4, 4), jnp.uint8), max_shift=1)
+
+
+@pytest.mark.parametrize("size,sigma", [(28, 4.0), (28, 1.5), (10, 6.0)])
+def test_the_elastic_smoothing_is_scipys_gaussian_filter(size, sigma):
+    from scipy import ndimage
+
+    noise = np.random.RandomState(0).uniform(-1, 1, (size, size)).astype(np.float32)
+    g = augment.gaussian_matrix(size, sigma)
+    expected = ndimage.gaussian_filter(noise, sigma, mode="constant", truncate=4.0)
+    np.testing.assert_allclose(g @ noise @ g.T, expected, atol=1e-6)
+
+
+def test_elastic_distortion_is_the_warp_by_its_field_from_its_own_stream():
+    images = jnp.asarray(np.stack([blob(sigma=4.0)] * 8))
+    out = run(KEY, images, elastic_alpha=34.0)
+    field = augment.elastic_field(jax.random.fold_in(KEY, 3), 8, (28, 28), 34.0, 4.0)
+    zeros, ones = jnp.zeros(8, jnp.int32), jnp.ones(8, jnp.float32)
+    np.testing.assert_array_equal(out, jax.jit(augment.warp)(images, zeros, zeros, 0 * ones, ones, field))
+    assert not np.array_equal(out[0], out[1]) and 0 < float(jnp.abs(field).max()) < 10
+    # The shifts, angles and scales a key draws do not change when elastic distortions are added.
+    both = run(KEY, images, max_shift=2, max_rotation=10.0, elastic_alpha=1e-4)
+    np.testing.assert_array_equal(both, run(KEY, images, max_shift=2, max_rotation=10.0))

@@ -196,10 +196,10 @@ def test_ema_update_is_the_debiased_weighted_average():
 
 
 EMA_NET = dict(layers="dense:16,batchnorm,relu,dropout:0.25,dense:10", init="he", optimizer="momentum",
-                learning_rate=0.05, batch_size=20, epochs=2, augment_shift=1, ema_decay=0.9)
+                learning_rate=0.05, batch_size=20, epochs=2, augment_shift=1, augment_elastic_alpha=8.0, ema_decay=0.9)
 
 
-def test_ema_is_kept_evaluated_and_resumed_bit_identically(tiny, tmp_path):
+def test_ema_and_elastic_distortions_are_kept_evaluated_and_resumed_bit_identically(tiny, tmp_path):
     config = Config(**EMA_NET, steps_per_call=7)
     recorder = Recorder()
     plan, uninterrupted = fit(config, tiny, hooks=[recorder])

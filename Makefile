@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(PY) run_experiment.py --flagfile=experiments/seed_784_10_10.cfg
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 # ruff (configured in pyproject.toml): pycodestyle, pyflakes, import order, bugbear. .ci/run runs it first.
 lint: $(STAMP)

@@ -2,9 +2,9 @@
 Adam's betas, label smoothing in the hand-derived delta, the EMA of the parameters, selection by
 best validation accuracy, --target_accuracy, and the wall-time / peak-memory record."""
 
+import collections
 import dataclasses
 import json
-from typing import NamedTuple
 
 import chex
 import jax
@@ -15,6 +15,7 @@ import pytest
 
 from digits import backprop, checkpoint, data, experiment, gradcheck, losses, model, train
 from digits.config import Config
+from test_train import Recorder, assert_optimizer_matches, fit
 
 CONV_15MIN = "conv5x5:20,maxpool2,conv5x5:40,maxpool2,dropout:0.5,dense:500,dropout:0.5,dense:10"
 TINY = dict(layer_sizes=(784, 16, 10), init="glorot", optimizer="sgd", learning_rate=0.1, batch_size=20, epochs=2)
@@ -26,30 +27,6 @@ def tiny(mnist_splits):
     cut = lambda split, n: data.Split(split.images[:n], split.labels[:n])  # noqa: E731
     return dataclasses.replace(mnist_splits, train=cut(mnist_splits.train, 400),
                                validation=cut(mnist_splits.validation, 200), test=cut(mnist_splits.test, 200))
-
-
-class Recorder(train.Hooks):
-    """Keeps every metrics record; with stop_at, checkpoints there and stops (like Ctrl-C)."""
-
-    class Stop(Exception):
-        pass
-
-    def __init__(self, stop_at=None, directory=None):
-        self.records, self.stop_at, self.directory = [], stop_at, directory
-
-    def after_chunk(self, step, state):
-        if self.stop_at is not None and step >= self.stop_at:
-            checkpoint.save(self.directory, step, state)
-            raise Recorder.Stop
-
-    def after_eval(self, step, state, record):
-        self.records.append(record)
-
-
-def fit(config, dataset, state=None, hooks=(), best=None):
-    plan = train.Plan.create(config, dataset)
-    state = plan.init_state() if state is None else state
-    return plan, train.fit(plan, state, train.device_splits(dataset), hooks, best)
 
 
 # --- evaluation sized by memory --------------------------------------------------------------------
@@ -115,19 +92,10 @@ def test_one_cycle_and_adam_options_are_refused_where_they_mean_nothing(tiny):
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_adam_betas_and_epsilon_reach_the_optimizer(name):
-    params = {"w": jnp.array([1.0, -2.0, 3.0])}
-    grads = [{"w": jnp.array([0.1, 0.2, -0.3]) * (i + 1)} for i in range(5)]
-    config = Config(optimizer=name, learning_rate=0.01, adam_b1=0.7, adam_b2=0.9, adam_eps=1e-3)
+    config = Config(optimizer=name, adam_b1=0.7, adam_b2=0.9, adam_eps=1e-3)
     reference = (optax.adam(0.01, b1=0.7, b2=0.9, eps=1e-3) if name == "adam"
                  else optax.adamw(0.01, b1=0.7, b2=0.9, eps=1e-3, weight_decay=1e-4))
-    ours = train.make_optimizer(config, total_steps=5, steps_per_epoch=5)
-    p_ours, s_ours, p_ref, s_ref = params, ours.init(params), params, reference.init(params)
-    for g in grads:
-        u, s_ours = ours.update(g, s_ours, p_ours)
-        p_ours = jax.tree.map(lambda p, u: p - 0.01 * u, p_ours, u)
-        u, s_ref = reference.update(g, s_ref, p_ref)
-        p_ref = optax.apply_updates(p_ref, u)
-    chex.assert_trees_all_close(p_ours, p_ref, rtol=1e-6)
+    assert_optimizer_matches(config, reference)
 
 
 # --- label smoothing ----------------------------------------------------------------------------
@@ -218,13 +186,8 @@ def test_ema_and_elastic_distortions_are_kept_evaluated_and_resumed_bit_identica
     chex.assert_trees_all_equal(resumed.state, uninterrupted.state)
 
 
-class _TrainStateWithoutEma(NamedTuple):  # train.TrainState before --ema_decay
-    params: list
-    opt_state: optax.OptState
-    step: jax.Array
-    learning_rate: jax.Array
-    data_key: jax.Array
-    model_state: list
+# train.TrainState before --ema_decay: its fields but the last.
+_TrainStateWithoutEma = collections.namedtuple("TrainStateWithoutEma", train.TrainState._fields[:-1])
 
 
 def test_a_checkpoint_from_before_the_ema_field_restores(tiny, tmp_path):

@@ -45,10 +45,10 @@ class Recorder(train.Hooks):
         self.records.append(record)
 
 
-def fit(config, dataset, state=None, hooks=()):
+def fit(config, dataset, state=None, hooks=(), best=None):
     plan = train.Plan.create(config, dataset)
     state = plan.init_state() if state is None else state
-    return plan, train.fit(plan, state, train.device_splits(dataset), hooks)
+    return plan, train.fit(plan, state, train.device_splits(dataset), hooks, best)
 
 
 @pytest.mark.parametrize("grad", ["manual", "autodiff"])
@@ -119,22 +119,27 @@ def test_interrupted_and_resumed_from_checkpoint_equals_uninterrupted(small, tmp
     chex.assert_trees_all_equal(resumed.state, uninterrupted.state)
 
 
-def test_optimizer_matches_optax_reference():
-    """Our learning-rate-outside-the-transformation form equals optax.adamw / sgd momentum."""
+def assert_optimizer_matches(config: Config, reference: optax.GradientTransformation):
+    """Five steps of make_optimizer(config) at learning rate 0.01 equal those of `reference`."""
     params = {"w": jnp.array([1.0, -2.0, 3.0])}
     grads = [{"w": jnp.array([0.1, 0.2, -0.3]) * (i + 1)} for i in range(5)]
+    ours = train.make_optimizer(dataclasses.replace(config, learning_rate=0.01), total_steps=5, steps_per_epoch=5)
+    p_ours, s_ours, p_ref, s_ref = params, ours.init(params), params, reference.init(params)
+    for g in grads:
+        u, s_ours = ours.update(g, s_ours, p_ours)
+        p_ours = jax.tree.map(lambda p, u: p - 0.01 * u, p_ours, u)
+        u, s_ref = reference.update(g, s_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, u)
+    chex.assert_trees_all_close(p_ours, p_ref, rtol=1e-6)
+
+
+def test_optimizer_matches_optax_reference():
+    """Our learning-rate-outside-the-transformation form equals optax.adamw / sgd momentum."""
     references = [("adamw", optax.adamw(0.01, weight_decay=1e-4)), ("momentum", optax.sgd(0.01, momentum=0.9)),
                   ("nesterov", optax.sgd(0.01, momentum=0.9, nesterov=True)), ("sgd", optax.sgd(0.01)),
                   ("gd", optax.sgd(0.01))]
     for name, reference in references:
-        ours = train.make_optimizer(Config(optimizer=name, learning_rate=0.01), total_steps=5, steps_per_epoch=5)
-        p_ours, s_ours, p_ref, s_ref = params, ours.init(params), params, reference.init(params)
-        for g in grads:
-            u, s_ours = ours.update(g, s_ours, p_ours)
-            p_ours = jax.tree.map(lambda p, u: p - 0.01 * u, p_ours, u)
-            u, s_ref = reference.update(g, s_ref, p_ref)
-            p_ref = optax.apply_updates(p_ref, u)
-        chex.assert_trees_all_close(p_ours, p_ref, rtol=1e-6)
+        assert_optimizer_matches(Config(optimizer=name), reference)
 
 
 def test_vmapped_seeds_equal_separate_runs(small):

@@ -116,7 +116,8 @@ class Config:
     layer_sizes: tuple[int, ...] = option((784, 10, 10), "Dense layer widths, input first: 784,30,10 "
                                           "(ignored when --layers is set).", parse=parse_ints, group="model")
     layers: str = option("", "A layer stack, e.g. conv5x5:20,maxpool2,dense:100,dropout:0.5,dense:10 or "
-                         "conv3x3:16:same,batchnorm,relu,res(conv3x3:16:same,batchnorm,relu,conv3x3:16:same),gap,dense:10 "
+                         "conv3x3:16:same,batchnorm,relu,res(conv3x3:16:same,batchnorm,relu,conv3x3:16:same),gap,"
+                         "dense:10 "
                          "(see the README); empty: the dense net of --layer_sizes.")
     layer_modules: tuple[str, ...] = option((), "Python modules (importable names or .py paths), comma-separated, "
                                             "imported before --layers is parsed: their registered layer kinds are "
@@ -316,8 +317,8 @@ def _coerce(f: dataclasses.Field, value):
 
 
 def _describe_bounds(m: dict) -> str:
-    parts = [f">= {m['lower']:g}" if m["lower"] is not None else "", f"> {m['above']:g}" if m["above"] is not None else "",
-             f"<= {m['upper']:g}" if m["upper"] is not None else "", f"< {m['below']:g}" if m["below"] is not None else ""]
+    signs = {"lower": ">=", "above": ">", "upper": "<=", "below": "<"}
+    parts = [f"{sign} {m[key]:g}" for key, sign in signs.items() if m[key] is not None]
     return " and ".join(p for p in parts if p)
 
 

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from jax.sharding import PartitionSpec as P
 
 from digits import augment, backprop, data, gradcheck, layers, losses, model, parallel
@@ -153,7 +152,8 @@ class Plan:
         if config.batch_size > n:
             raise ValueError(f"batch_size={config.batch_size} exceeds the {n} training images")
         spec = model_spec(config, dataset.image_shape, dataset.num_classes, n)
-        spe, full, total = steps_per_epoch(n, config.batch_size), is_full_batch(config.batch_size, n), total_steps(config, n)
+        spe, full = steps_per_epoch(n, config.batch_size), is_full_batch(config.batch_size, n)
+        total = total_steps(config, n)
         batch = n if full else config.batch_size
         layout = parallel.choose_layout(config.num_models, batch, config.num_devices, devices)
         vmapped = config.num_models > 1
@@ -532,7 +532,7 @@ def eval_bytes_per_example(spec: model.ModelSpec, dtype) -> int:
     def nbytes(tree) -> int:
         return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
-    per_layer = [nbytes(cache) + math.prod(shape) * itemsize for cache, shape in zip(caches, spec.shapes)]
+    per_layer = [nbytes(cache) + math.prod(shape) * itemsize for cache, shape in zip(caches, spec.shapes, strict=True)]
     return 2 * max(per_layer + [nbytes(x)])
 
 
@@ -619,7 +619,8 @@ class Evaluator:
                 continue
             loss, accuracy, predictions = self(params, images, labels, model_state)
             label = "train" if name == "train_subset" else name
-            results[f"{label}_loss"], results[f"{label}_accuracy"], results[f"{label}_predictions"] = loss, accuracy, predictions
+            results[f"{label}_loss"], results[f"{label}_accuracy"] = loss, accuracy
+            results[f"{label}_predictions"] = predictions
         return results
 
 

@@ -62,7 +62,7 @@ def test_shift_only_is_an_exact_shift_in_range(shape, max_shift):
     out = run(KEY, images, max_shift=max_shift)
     chex.assert_shape(out, shape)
     chex.assert_type(out, jnp.uint8)
-    for image, result in zip(np.asarray(images), np.asarray(out)):
+    for image, result in zip(np.asarray(images), np.asarray(out), strict=True):
         assert matching_shifts(image, result, max_shift), "output is not a shift of its input"
 
 
@@ -72,7 +72,7 @@ def test_every_shift_occurs_over_a_batch(max_shift):
     images = random_images((200, 8, 8), seed=3)
     out = np.asarray(run(jax.random.PRNGKey(7), images, max_shift=max_shift))
     seen = set()
-    for image, result in zip(np.asarray(images), out):
+    for image, result in zip(np.asarray(images), out, strict=True):
         (found,) = matching_shifts(image, result, max_shift)
         seen.add(found)
     assert len(seen) == (2 * max_shift + 1) ** 2
@@ -81,7 +81,7 @@ def test_every_shift_occurs_over_a_batch(max_shift):
 def test_shift_larger_than_the_image_gives_blank_images():
     images = random_images((30, 3, 3))
     out = np.asarray(run(KEY, images, max_shift=5))
-    for image, result in zip(np.asarray(images), out):
+    for image, result in zip(np.asarray(images), out, strict=True):
         assert matching_shifts(image, result, 5)
 
 
@@ -129,7 +129,7 @@ def test_vmap_over_models_with_a_batch_per_model():
     images = random_images((2, 4, 8, 8))
     keys = jax.random.split(KEY, 2)
     out = jax.jit(jax.vmap(lambda k, x: run(k, x, max_shift=1)))(keys, images)
-    for k, x, o in zip(keys, images, out):
+    for k, x, o in zip(keys, images, out, strict=True):
         np.testing.assert_array_equal(o, run(k, x, max_shift=1))
 
 
@@ -163,7 +163,7 @@ def test_rotation_and_scale_keep_range_centre_and_ink(max_rotation, max_scale):
     chex.assert_shape(out, images.shape)
     chex.assert_type(out, jnp.uint8)
     assert not np.array_equal(out, images)
-    for before, after in zip(np.asarray(images), np.asarray(out)):
+    for before, after in zip(np.asarray(images), np.asarray(out), strict=True):
         np.testing.assert_allclose(centre_of_mass(after), (13.5, 13.5), atol=0.1)
         scale_bound = (1 + max_scale) ** 2  # ink scales with area
         ratio = after.astype(np.float64).sum() / before.astype(np.float64).sum()

@@ -124,7 +124,8 @@ def row_config(config: Config, group: Group, grad: str, train_size: int) -> Conf
         num_seeds=1 if lr_sweep else group.num_models, shared_data_order=group.sweep == "shared_seeds",
         sweep_learning_rates=sweep_rates(config.learning_rate, group.num_models) if lr_sweep else (),
         num_devices=group.devices, optimizer=optimizer, audit_every=0, epochs=0, steps=1,
-        augment_shift=0, augment_rotation=0.0, augment_scale=0.0,
+        augment_shift=0, augment_rotation=0.0, augment_scale=0.0, augment_elastic_alpha=0.0,
+        augment_elastic_sigma=4.0,
     )
 
 

@@ -40,7 +40,8 @@ flags.DEFINE_integer("results_seeds", 5, "For --mode=results: seeds per experime
 flags.DEFINE_string("results_dir", "docs", "For --mode=results: where results.md and results.json go. Only docs "
                     "(the repository's) also rewrites the README table and the flagfiles' Result lines.")
 flags.DEFINE_string("model", "0", "For --mode=eval, predict and gradcheck of a run of several models (--num_seeds, "
-                    "--sweep_learning_rates): the index of the model to use, in the order of summary.json's models.")
+                    "--sweep_learning_rates): the index of the model to use, in the order of summary.json's models; for eval "
+                    "and predict also 'ensemble': every model, their output probabilities averaged.")
 flags.DEFINE_enum("gradcheck_at", "latest", ["latest", "init"], "For --mode=gradcheck with the --workdir of a "
                   "training run: check its model at its latest checkpoint or as it was initialised.")
 flags.DEFINE_integer("port", 8000, "For --mode=serve: the TCP port of the drawing page (0: any free port).",
@@ -150,10 +151,13 @@ def check_mode_flags(mode: str) -> None:
             raise FlagError(f"--{name} is for --mode={' or '.join(modes)}, not --mode={mode}")
 
 
-def model_index() -> int:
+def model_index(mode: str) -> int | str:
     text = FLAGS.model.strip()
-    if not text.isdigit():  # (an ensemble of the run's models is another choice to come)
-        raise FlagError(f"--model must be the index of one of the run's models (0, 1, ...), got {FLAGS.model!r}")
+    if text == "ensemble" and mode in ("eval", "predict"):  # experiment.ENSEMBLE (imported later)
+        return text
+    if not text.isdigit():
+        also = " or ensemble (all of them, their probabilities averaged)" if mode in ("eval", "predict") else ""
+        raise FlagError(f"--model must be the index of one of the run's models (0, 1, ...){also}, got {FLAGS.model!r}")
     return int(text)
 
 
@@ -198,7 +202,7 @@ def run(mode: str) -> int:
         return 0
     workdir = workdir_from_flags(mode)
     if mode == "eval":
-        experiment.run_eval(workdir, given_values(), model_index())
+        experiment.run_eval(workdir, given_values(), model_index(mode))
         return 0
     if mode == "serve":
         from digits import serve
@@ -209,16 +213,16 @@ def run(mode: str) -> int:
         if not FLAGS.images:
             raise FlagError("--mode=predict needs --images=a.png,b.jpg or a folder")
         images = ",".join(expand(item.strip()) for item in FLAGS.images.split(","))
-        _, failures = experiment.run_predict(workdir, images, FLAGS.save_preprocessed, given_values(), model_index())
+        _, failures = experiment.run_predict(workdir, images, FLAGS.save_preprocessed, given_values(), model_index(mode))
         return 1 if failures else 0
     if mode == "gradcheck" and experiment.is_training_run(workdir):  # that run's model, not the flags' one
-        checked = experiment.run_gradcheck_of_run(workdir, given_values(), model_index(), FLAGS.gradcheck_at == "init")
+        checked = experiment.run_gradcheck_of_run(workdir, given_values(), model_index(mode), FLAGS.gradcheck_at == "init")
         return 0 if checked["passed"] else 1
     config = config_from(FLAGS)
     if mode == "train":
         experiment.run_train(config, workdir, overwrite=FLAGS.overwrite, tensorboard=FLAGS.tensorboard)
     elif mode == "gradcheck":
-        return 0 if experiment.run_gradcheck(config, workdir, model_index())["passed"] else 1
+        return 0 if experiment.run_gradcheck(config, workdir, model_index(mode))["passed"] else 1
     else:
         experiment.run_benchmark(config, workdir)
     return 0

@@ -39,6 +39,7 @@ EVAL_FILE = "eval.json"
 EVAL_CONFUSION_FILE = "eval_confusion_matrix.png"
 PREDICTIONS_FILE = "predictions.json"
 PREPROCESSED_DIR = "preprocessed"
+ENSEMBLE = "ensemble"  # --model=ensemble: every model of the run, their output probabilities averaged
 # What each mode writes in a workdir. No mode writes another's names; --overwrite removes these
 # (and nothing else) before a new training run starts.
 OUTPUTS = {
@@ -482,16 +483,28 @@ def _restore_best(workdir: pathlib.Path, plan: train.Plan, resuming: bool) -> tr
     return train.BestValidation(plan.config.num_models, state, saved["validation_accuracy"], saved["step"])
 
 
-def _best_summary(plan: train.Plan, best: train.BestValidation, found: dict) -> dict:
+def _best_summary(plan: train.Plan, dataset: data.Dataset, best: train.BestValidation, found: dict) -> dict:
     """summary.json's best_validation: each model at its best validation accuracy (means over the
     models; per model under across_models)."""
     steps = best.step.tolist()
-    metrics = {k: v for k, v in found.items() if not k.endswith("_predictions")}
+    metrics = train.split_metrics(found)
     out = {"step": steps[0] if not plan.vmapped else steps, "epoch": steps[0] / plan.steps_per_epoch,
            **{k: train.mean_over_models(v) for k, v in metrics.items()}}
     if plan.vmapped:
         out["epoch"] = [s / plan.steps_per_epoch for s in steps]
         out["across_models"] = {k: train.summarise(np.where(best.step < 0, np.nan, v)) for k, v in metrics.items()}
+        out["ensemble"] = ensemble_summary(found, dataset, best.step >= 0)
+    return out
+
+
+def ensemble_summary(found: dict, dataset: data.Dataset, keep) -> dict:
+    """{"models", "<split>_accuracy"}: the ensemble of the kept models (bool (K,)), the mean of
+    their output probabilities, on each split `found` (`Evaluator.splits` of K models) holds."""
+    out = {"models": int(np.sum(keep))}
+    for name in ("validation", "test"):
+        if f"{name}_probabilities" in found:
+            out[f"{name}_accuracy"] = train.ensemble_accuracy(found[f"{name}_probabilities"],
+                                                              getattr(dataset, name).labels, keep)
     return out
 
 
@@ -586,7 +599,7 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
         part["grad_audit"] = result.audit
     summary = _final_summary(plan, dataset, workdir, result, final, gradient_check, record["parts"] + [part])
     if best_found is not None:
-        summary["best_validation"] = _best_summary(plan, best, best_found)
+        summary["best_validation"] = _best_summary(plan, dataset, best, best_found)
     if parallel.is_primary():
         report.write_json(workdir / SUMMARY_FILE, summary)
     _print_final(summary, workdir)
@@ -601,7 +614,7 @@ def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: tra
         report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
         report.plot_misclassified(dataset.test.images, dataset.test.labels, first, workdir / "misclassified.png")
         report.plot_learning_curves(report.read_metrics(workdir / METRICS_FILE), workdir / "learning_curves.png")
-    metrics = {k: v for k, v in final.items() if not k.endswith("_predictions")}
+    metrics = train.split_metrics(final)
     if plan.vmapped:
         metrics = {k: np.where(result.diverged, np.nan, v) for k, v in metrics.items()}
     steps = train.host_step(result.state)
@@ -629,6 +642,7 @@ def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: tra
     if plan.vmapped:
         summary["models"] = [dict(lane, diverged=bool(result.diverged[i])) for i, lane in enumerate(plan.model_lanes())]
         summary["across_models"] = {k: train.summarise(v) for k, v in metrics.items()}
+        summary["ensemble"] = ensemble_summary(final, dataset, ~result.diverged)
     return summary
 
 
@@ -647,13 +661,20 @@ def _print_final(summary: dict, workdir: pathlib.Path) -> None:
                   + (f"; {diverged} diverged, left out" if diverged else ""))
         else:
             print(f"{name}{final[key]:.4f}")
+    if "ensemble" in summary and summary["ensemble"]["models"] > 1:
+        e = summary["ensemble"]
+        found = ", ".join(f"{split} accuracy {e[f'{split}_accuracy']:.4f}" for split in ("test", "validation")
+                          if f"{split}_accuracy" in e)
+        print(f"{'Ensemble:'.ljust(21)}{found} (the mean of the {e['models']} models' output probabilities)")
     if "best_validation" in summary:
         b = summary["best_validation"]
         where = (f"step {b['step']} (epoch {b['epoch']:.3g})" if not isinstance(b["step"], list)
                  else f"steps {', '.join(map(str, b['step']))}")
         print(f"{'Best validation:'.ljust(21)}{b['validation_accuracy']:.4f} at {where}; test accuracy there "
               f"{b['test_accuracy']:.4f} (final {final['test_accuracy']:.4f})"
-              + ("; mean over models" if isinstance(b["step"], list) else ""))
+              + ("; mean over models" if isinstance(b["step"], list) else "")
+              + (f"; their ensemble {b['ensemble']['test_accuracy']:.4f}" if b.get("ensemble", {}).get("models", 0) > 1
+                 else ""))
     if "target" in summary:
         t = summary["target"]
         print(f"{'Target:'.ljust(21)}" + (
@@ -701,7 +722,7 @@ class Trained:
     plan: train.Plan
     params: list
     model_state: list | None
-    step: int | None
+    step: int | list[int] | None  # a list: an ensemble's models at their own best-validation steps
     model: dict  # {"index", "of", "seed", "learning_rate"}
 
 
@@ -730,9 +751,15 @@ def _restore(workdir: pathlib.Path, plan: train.Plan) -> train.TrainState:
     return state
 
 
-def _one_model(plan: train.Plan, index: int, workdir) -> tuple[dict, callable]:
-    """({"index", "of", "seed", "learning_rate"}, tree -> model `index`'s part of a state tree)."""
+def _one_model(plan: train.Plan, index: int | str, workdir) -> tuple[dict, callable]:
+    """({"index", "of", "seed", "learning_rate"}, tree -> model `index`'s part of a state tree).
+    index ENSEMBLE: ({"index": "ensemble", "of", "seeds", "learning_rates"}, every model's, stacked)."""
     lanes = plan.model_lanes()
+    if index == ENSEMBLE:
+        if not plan.vmapped:
+            raise ConfigError(f"--model=ensemble needs a run of several models (--num_seeds), but {workdir} holds one")
+        return ({"index": ENSEMBLE, "of": len(lanes), "seeds": [m["seed"] for m in lanes],
+                 "learning_rates": [m["learning_rate"] for m in lanes]}, lambda tree: tree)
     if not 0 <= index < len(lanes):
         raise ConfigError(f"--model={index}, but the run in {workdir} holds {len(lanes)} model(s): "
                           f"pass an index in 0..{len(lanes) - 1}")
@@ -745,16 +772,19 @@ def _one_model(plan: train.Plan, index: int, workdir) -> tuple[dict, callable]:
     return about, jax.jit(pick, out_shardings=plan.layout.sharding(parallel.P()))  # on every device and process
 
 
-def load_trained(workdir: pathlib.Path, config: Config | None = None, model_index: int = 0,
+def load_trained(workdir: pathlib.Path, config: Config | None = None, model_index: int | str = 0,
                  at_init: bool = False) -> Trained:
-    """Model `model_index` of the training run in `workdir`, from its latest checkpoint (or, with
-    `at_init`, as the run initialised it). The one place that reads a trained model."""
+    """Model `model_index` of the training run in `workdir` (ENSEMBLE: all of them, stacked on a
+    leading axis), from its latest checkpoint (or, with `at_init`, as the run initialised it). The
+    one place that reads a trained model."""
     config = config or read_workdir_config(workdir)
     dataset = load_dataset(config)
     plan = make_plan(config, dataset)
     about, pick = _one_model(plan, model_index, workdir)
     state = plan.init_state(placed=False) if at_init else _restore(workdir, plan)
-    step = None if at_init else int(parallel.host_value(pick(state.step)).reshape(-1)[0])
+    steps = [] if at_init else [int(s) for s in parallel.host_value(pick(state.step)).reshape(-1)]
+    # One step, or for an ensemble with --select=best_validation each model's own.
+    step = None if at_init else steps[0] if len(set(steps)) == 1 else steps
     params, model_state = train.reported_model(state)  # the moving averages with --ema_decay
     return Trained(config, dataset, plan, pick(params), pick(model_state) if plan.spec.stateful else None, step,
                    about)
@@ -763,7 +793,10 @@ def load_trained(workdir: pathlib.Path, config: Config | None = None, model_inde
 def _about_model(trained: Trained) -> str:
     m = trained.model
     best = " of its best validation accuracy (--select=best_validation)" if trained.config.select != "final" else ""
-    at = "its initialisation" if trained.step is None else f"the checkpoint at step {trained.step}{best}"
+    at = ("its initialisation" if trained.step is None else f"the checkpoint at step {trained.step}{best}"
+          if isinstance(trained.step, int) else f"the checkpoints at steps {', '.join(map(str, trained.step))}{best}")
+    if m["index"] == ENSEMBLE:
+        return f"the ensemble of its {m['of']} models (seeds {', '.join(map(str, m['seeds']))}), at {at}"
     which = (f"model {m['index']} of {m['of']} (seed {m['seed']}, learning rate {m['learning_rate']:g}; --model "
              "picks another)" if m["of"] > 1 else "its model")
     return f"{which}, at {at}"
@@ -811,13 +844,16 @@ def _gradcheck(trained: Trained, workdir: pathlib.Path, at: str) -> dict:
     return output
 
 
-def run_eval(workdir: pathlib.Path, given: dict | None = None, model_index: int = 0) -> dict:
-    """Loss, accuracy and per-class accuracy on validation and test from the latest checkpoint."""
+def run_eval(workdir: pathlib.Path, given: dict | None = None, model_index: int | str = 0) -> dict:
+    """Loss, accuracy and per-class accuracy on validation and test from the latest checkpoint.
+    model_index ENSEMBLE: the ensemble's accuracy (mean of the models' output probabilities), its
+    per-class accuracy and confusion matrix, beside the models' mean ± std."""
     config = run_config(workdir, given)
     with precision(config):
         trained = load_trained(workdir, config, model_index)
         dataset, plan = trained.dataset, trained.plan
-        evaluator = train.Evaluator(plan.spec, plan.dtype, vmapped=False, layout=plan.layout)
+        ensemble = trained.model["index"] == ENSEMBLE
+        evaluator = train.Evaluator(plan.spec, plan.dtype, vmapped=ensemble, layout=plan.layout)
         found = evaluator.splits(trained.params, train.device_splits(dataset, plan.layout), ("validation", "test"),
                                  trained.model_state)
     print(f"Evaluating {_about_model(trained)}")
@@ -829,12 +865,22 @@ def run_eval(workdir: pathlib.Path, given: dict | None = None, model_index: int 
             print(f"{name:<12} none (the run holds out no {name} images)")
             continue
         labels = getattr(dataset, name).labels
-        cm = report.confusion_matrix(labels, found[f"{name}_predictions"], num_classes)
+        if ensemble:  # the loss column is the ensemble's: the mean cost of each model, averaged
+            predictions = np.argmax(np.mean(found[f"{name}_probabilities"], axis=0), axis=-1)
+            accuracy = float(np.mean(predictions == labels))
+        else:
+            predictions, accuracy = found[f"{name}_predictions"], float(found[f"{name}_accuracy"])
+        loss = float(np.mean(found[f"{name}_loss"]))
+        cm = report.confusion_matrix(labels, predictions, num_classes)
         per_class = report.per_class_accuracy(cm)
-        summary[name] = {"loss": float(found[f"{name}_loss"]), "accuracy": float(found[f"{name}_accuracy"]),
-                         "per_class_accuracy": per_class.tolist(), "confusion_matrix": cm.tolist()}
-        print(f"{name:<12} {float(found[f'{name}_loss']):8.4f} {float(found[f'{name}_accuracy']):9.4f}   "
-              + " ".join(f"{a:.3f}" for a in per_class))
+        summary[name] = {"loss": loss, "accuracy": accuracy, "per_class_accuracy": per_class.tolist(),
+                         "confusion_matrix": cm.tolist()}
+        print(f"{name:<12} {loss:8.4f} {accuracy:9.4f}   " + " ".join(f"{a:.3f}" for a in per_class))
+        if ensemble:
+            models = train.summarise(found[f"{name}_accuracy"])
+            summary[name]["models"] = models
+            print(f"{'':<12} {'':>8} {'':>9}   the {trained.model['of']} models alone: {models['mean']:.4f} ± "
+                  f"{models['std']:.4f} (min {models['min']:.4f}, max {models['max']:.4f})")
         if name == "test" and parallel.is_primary():
             report.plot_confusion_matrix(cm, workdir / EVAL_CONFUSION_FILE)
     if parallel.is_primary():
@@ -844,7 +890,7 @@ def run_eval(workdir: pathlib.Path, given: dict | None = None, model_index: int 
 
 
 def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool, given: dict | None = None,
-                model_index: int = 0) -> tuple[dict, int]:
+                model_index: int | str = 0) -> tuple[dict, int]:
     """Classifies the user's image files; returns (predictions, number of files that failed).
     With no readable image, nothing is written and it is a UsageError."""
     try:
@@ -863,11 +909,18 @@ def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool
         if trained.dataset.image_shape != (predict.MNIST_SIZE, predict.MNIST_SIZE):
             raise ConfigError(f"predict makes 28x28 MNIST-style inputs, but the model in {workdir} takes "
                               f"{'x'.join(map(str, trained.dataset.image_shape))} images")
-        apply = jax.jit(lambda p, s, u8: model.apply(p, model.inputs(u8, plan.spec, plan.dtype), plan.spec, s))
+        def one_model(params, model_state, images_u8):  # sigmoid outputs normalised for display
+            logits = model.logits(params, model.inputs(images_u8, plan.spec, plan.dtype), plan.spec,
+                                  state=model.eval_state(plan.spec, model_state))
+            return train.output_probabilities(logits, plan.spec)
+
+        if trained.model["index"] == ENSEMBLE:  # the mean of the models' probabilities
+            apply = jax.jit(lambda p, s, u8: jnp.mean(jax.vmap(one_model, in_axes=(0, 0, None))(p, s, u8), axis=0))
+        else:
+            apply = jax.jit(one_model)
 
         def probabilities(images_u8: np.ndarray) -> np.ndarray:
-            outputs = np.asarray(apply(trained.params, trained.model_state, jnp.asarray(images_u8)), np.float64)
-            return outputs / outputs.sum(axis=1, keepdims=True)  # sigmoid outputs normalised for display
+            return np.asarray(apply(trained.params, trained.model_state, jnp.asarray(images_u8)), np.float64)
 
         found = predict.classify(images, good, probabilities)
     print(f"Predicting with {_about_model(trained)}")

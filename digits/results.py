@@ -61,6 +61,13 @@ def add(table: dict, name: str, flagfile: pathlib.Path, summary: dict, overrides
         "seconds_per_epoch": timings["seconds_per_epoch"],
         "train_s": timings["train_s"],
         "compile_s": timings["compile_s"],
+        # Where the command's wall time went (the K models together) and its peak memory.
+        "eval_s": timings.get("eval_s"),
+        "eval_compile_s": timings.get("eval_compile_s"),
+        "total_s": timings.get("total_s"),
+        "peak_rss_bytes": timings.get("peak_rss_bytes"),
+        "ensemble_test_accuracy": (summary.get("ensemble") or {}).get("test_accuracy")
+        if summary["num_models"] > 1 else None,
         "models_trained_at_once": summary["num_models"],
         "cpu": env["cpu"], "device_kind": env["device_kind"], "versions": env["versions"],
         "date": datetime.date.today().isoformat(),
@@ -84,17 +91,29 @@ def _percent(d: dict | None) -> str:
 
 def markdown_table(table: dict) -> str:
     """One row per experiment: accuracy distributions over seeds, time per epoch, machine."""
-    lines = ["| experiment | seeds | test accuracy % (mean ± std) | test min–max % | validation % (mean ± std) "
-             "| epochs | s/epoch (K models at once) | machine |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| experiment | seeds | test accuracy % (mean ± std) | test min–max % | ensemble test % "
+             "| validation % (mean ± std) | epochs | s/epoch (K models at once) "
+             "| wall s: train / eval / compile / total | peak memory GiB | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in sorted(table.get("experiments", {}).items()):
         t = e["test_accuracy"]
         spe = f"{e['seconds_per_epoch']:.2f}" if e.get("seconds_per_epoch") else "-"
         changed = f" (with {_flags(e['overrides'])})" if e.get("overrides") else ""
+        ensemble = f"{100 * e['ensemble_test_accuracy']:.2f}" if e.get("ensemble_test_accuracy") is not None else "-"
+        peak = f"{e['peak_rss_bytes'] / 2**30:.2f}" if e.get("peak_rss_bytes") else "-"
         lines.append(f"| [{name}](../{e['flagfile']}){changed} | {e['seeds']} | {_percent(t)} | "
-                     f"{100 * t['min']:.2f}–{100 * t['max']:.2f} | {_percent(e.get('validation_accuracy'))} | "
-                     f"{e['epochs']:g} | {spe} | {e['cpu']}, jax {e['versions'].get('jax', '?')} |")
+                     f"{100 * t['min']:.2f}–{100 * t['max']:.2f} | {ensemble} | "
+                     f"{_percent(e.get('validation_accuracy'))} | {e['epochs']:g} | {spe} | {_wall(e)} | {peak} | "
+                     f"{e['cpu']}, jax {e['versions'].get('jax', '?')} |")
     return "\n".join(lines)
+
+
+def _wall(entry: dict) -> str:
+    """train / eval / compile / total seconds; "-" for what an older entry did not record."""
+    compile_s = (entry.get("compile_s") or 0) + (entry.get("eval_compile_s") or 0)
+    values = (entry.get("train_s"), entry.get("eval_s"), compile_s if entry.get("eval_compile_s") is not None else None,
+              entry.get("total_s"))
+    return " / ".join("-" if v is None else f"{v:.0f}" for v in values)
 
 
 def write(table: dict, results_dir: pathlib.Path) -> None:
@@ -117,8 +136,10 @@ def write(table: dict, results_dir: pathlib.Path) -> None:
 def result_line(entry: dict) -> str:
     t = entry["test_accuracy"]
     spe = f"; {entry['seconds_per_epoch']:.2f} s/epoch" if entry.get("seconds_per_epoch") else ""
+    ensemble = (f", ensemble {100 * entry['ensemble_test_accuracy']:.2f}%"
+                if entry.get("ensemble_test_accuracy") is not None else "")
     return (f"{RESULT_PREFIX} (docs/results.md, generated): test {_percent(t)}% (min {100 * t['min']:.2f}, "
-            f"max {100 * t['max']:.2f}) over {entry['seeds']} seeds{spe} on {entry['cpu']}.")
+            f"max {100 * t['max']:.2f}) over {entry['seeds']} seeds{ensemble}{spe} on {entry['cpu']}.")
 
 
 def update_flagfile(path: pathlib.Path, entry: dict) -> None:

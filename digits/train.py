@@ -545,7 +545,8 @@ def eval_batch_size(spec: model.ModelSpec, dtype, models: int = 1, budget: int =
 
 def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int | None = None):
     """Returns evaluate(params, images, labels, model_state) -> (mean cost, accuracy, predictions
-    int32 (N,)), in evaluation mode (no dropout, running statistics). The cost is the plain one,
+    int32 (N,), probabilities float32 (N, C): the output activations normalised to sum to 1, what
+    an ensemble averages), in evaluation mode (no dropout, running statistics). The cost is the plain one,
     against one-hot labels (label smoothing is a training objective, not a metric).
 
     Runs in padded batches of at most `eval_batch` examples (default: `eval_batch_size`), sized
@@ -560,7 +561,7 @@ def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int | None = None):
         z = model.logits(params, model.inputs(images, spec, dtype), spec, state=model_state)
         y = losses.one_hot(labels, spec.num_classes, z.dtype)
         per_example_cost = jax.vmap(lambda zi, yi: losses.cost_from_logits(zi[None], yi[None], spec))(z, y)
-        return per_example_cost, jnp.argmax(z, axis=-1).astype(jnp.int32)
+        return per_example_cost, jnp.argmax(z, axis=-1).astype(jnp.int32), output_probabilities(z, spec)
 
     def evaluate(params, images, labels, model_state):
         n = images.shape[0]
@@ -569,14 +570,34 @@ def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int | None = None):
         images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
         labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
         shape = (-1, size)
-        costs, preds = jax.lax.map(
+        costs, preds, probs = jax.lax.map(
             lambda c: chunk_outputs(params, model_state, *c),
             (images.reshape(shape + images.shape[1:]), labels.reshape(shape)),
         )
         costs, preds = costs.reshape(-1)[:n], preds.reshape(-1)[:n]
-        return jnp.mean(costs), jnp.mean(preds == labels[:n]), preds
+        probs = probs.reshape((-1, probs.shape[-1]))[:n]
+        return jnp.mean(costs), jnp.mean(preds == labels[:n]), preds, probs
 
     return evaluate
+
+
+def output_probabilities(logits: jax.Array, spec: model.ModelSpec) -> jax.Array:
+    """(B, C) logits -> (B, C) float32 class probabilities: the output activations (softmax, or
+    sigmoid outputs normalised to sum to 1)."""
+    outputs = model.activate(logits, spec.output).astype(jnp.float32)
+    return outputs / jnp.sum(outputs, axis=-1, keepdims=True)
+
+
+def ensemble_accuracy(probabilities, labels, keep=None) -> float:
+    """The accuracy of the ensemble of K models: argmax of the mean of their class probabilities.
+    probabilities: (K, N, C); labels: (N,); keep: bool (K,), the models to include (default all;
+    diverged ones are left out). NaN when no model is kept."""
+    probabilities = np.asarray(probabilities, np.float64)
+    keep = np.ones(probabilities.shape[0], bool) if keep is None else np.asarray(keep, bool)
+    if not keep.any():
+        return math.nan
+    mean = probabilities[keep].mean(axis=0)
+    return float(np.mean(np.argmax(mean, axis=-1) == np.asarray(labels)))
 
 
 class Evaluator:
@@ -606,22 +627,30 @@ class Evaluator:
             self.compiled[key] = self._jitted(models).lower(params, images, labels, model_state).compile()
             self.compile_s += time.perf_counter() - start
         start = time.perf_counter()
-        loss, accuracy, predictions = jax.device_get(self.compiled[key](params, images, labels, model_state))
+        outputs = jax.device_get(self.compiled[key](params, images, labels, model_state))
         self.eval_s += time.perf_counter() - start
-        return np.asarray(loss), np.asarray(accuracy), np.asarray(predictions)
+        return tuple(np.asarray(x) for x in outputs)
 
     def splits(self, params, device: dict, names, model_state=None) -> dict:
-        """{"<split>_loss", "<split>_accuracy", "<split>_predictions"} for each named split."""
+        """{"<split>_loss", "<split>_accuracy", "<split>_predictions", "<split>_probabilities"}
+        for each named split (K models: a leading axis of K on each)."""
         results = {}
         for name in names:
             images, labels = device[name]
             if images.shape[0] == 0:
                 continue
-            loss, accuracy, predictions = self(params, images, labels, model_state)
             label = "train" if name == "train_subset" else name
-            results[f"{label}_loss"], results[f"{label}_accuracy"] = loss, accuracy
-            results[f"{label}_predictions"] = predictions
+            for field, value in zip(SPLIT_OUTPUTS, self(params, images, labels, model_state), strict=True):
+                results[f"{label}_{field}"] = value
         return results
+
+
+SPLIT_OUTPUTS = ("loss", "accuracy", "predictions", "probabilities")
+
+
+def split_metrics(found: dict) -> dict:
+    """The scalar metrics (per model) of `Evaluator.splits`' results: losses and accuracies."""
+    return {k: v for k, v in found.items() if k.endswith(("_loss", "_accuracy"))}
 
 
 def device_splits(dataset: data.Dataset, layout: parallel.Layout = parallel.SINGLE) -> dict:

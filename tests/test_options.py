@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
-from digits import backprop, checkpoint, data, experiment, gradcheck, losses, model, train
+from digits import backprop, checkpoint, data, experiment, gradcheck, losses, model, predict, train
 from digits.config import Config
 from test_train import Recorder, assert_optimizer_matches, fit
 
@@ -266,6 +267,44 @@ def test_best_validation_run_resumes_and_reports_both_models(tmp_path, cache_dir
     trained = experiment.load_trained(tmp_path / "parts", model_index=1)  # eval, predict, serve: the best, averaged
     assert trained.step == best["step"][1]
     chex.assert_trees_all_equal(trained.params, jax.tree.map(lambda x: x[1], saved[0].ema["params"]))
+    _check_the_ensemble(tmp_path / "whole", whole, out, capsys)
+
+
+def _check_the_ensemble(workdir, summary, out, capsys):
+    """The 2-model run's ensemble, recomputed here from each model alone: summary, eval and predict."""
+    assert summary["ensemble"]["models"] == 2 and "Ensemble:" in out and "their ensemble" in out
+    models = [experiment.load_trained(workdir, model_index=i) for i in (0, 1)]
+    test = models[0].dataset.test
+    spec = models[0].plan.spec
+    probabilities = [np.asarray(model.apply(m.params, model.inputs(jnp.asarray(test.images), spec), spec,
+                                            m.model_state)) for m in models]
+    mean = (probabilities[0] + probabilities[1]) / 2
+    expected = float(np.mean(np.argmax(mean, axis=1) == test.labels))
+    assert summary["best_validation"]["ensemble"]["test_accuracy"] == pytest.approx(expected, abs=1e-9)
+    evaluated = experiment.run_eval(workdir, model_index=experiment.ENSEMBLE)
+    assert evaluated["test"]["accuracy"] == pytest.approx(expected, abs=1e-9)
+    alone = [float(np.mean(np.argmax(p, axis=1) == test.labels)) for p in probabilities]
+    assert evaluated["test"]["models"]["values"] == pytest.approx(alone, abs=1e-6)  # float32 means
+    image = workdir / "digit.png"
+    Image.fromarray(255 - test.images[0]).save(image)  # black on white, as a user draws it
+    predicted, failures = experiment.run_predict(workdir, str(image), False, model_index=experiment.ENSEMBLE)
+    drawn = jnp.asarray(predict.preprocess_file(image)[None])
+    by_hand = np.mean([np.asarray(model.apply(m.params, model.inputs(drawn, spec), spec, m.model_state))[0]
+                       for m in models], axis=0)
+    assert failures == 0 and "the ensemble of its 2 models" in capsys.readouterr().out
+    found = predicted["predictions"][0]
+    assert found["prediction"] == int(np.argmax(by_hand))
+    assert found["probability"] == pytest.approx(float(np.max(by_hand)), rel=1e-5)
+
+
+def test_the_ensemble_averages_probabilities_and_leaves_out_diverged_models():
+    labels = np.array([1, 0])
+    probabilities = np.array([[[0.6, 0.4], [0.9, 0.1]],   # right on example 1 only
+                              [[0.0, 1.0], [0.45, 0.55]],  # right on example 0 only
+                              [[np.nan, np.nan], [np.nan, np.nan]]])  # diverged
+    assert train.ensemble_accuracy(probabilities, labels, keep=[True, True, False]) == 1.0  # means .3/.7, .675/.325
+    assert train.ensemble_accuracy(probabilities, labels, keep=[True, False, False]) == 0.5
+    assert np.isnan(train.ensemble_accuracy(probabilities, labels, keep=[False, False, False]))
 
 
 def test_target_accuracy_is_recorded_and_a_run_stopped_there_is_finished(tmp_path, cache_dir, capsys):

@@ -40,8 +40,8 @@ flags.DEFINE_integer("results_seeds", 5, "For --mode=results: seeds per experime
 flags.DEFINE_string("results_dir", "docs", "For --mode=results: where results.md and results.json go. Only docs "
                     "(the repository's) also rewrites the README table and the flagfiles' Result lines.")
 flags.DEFINE_string("model", "0", "For --mode=eval, predict and gradcheck of a run of several models (--num_seeds, "
-                    "--sweep_learning_rates): the index of the model to use, in the order of summary.json's models; for eval "
-                    "and predict also 'ensemble': every model, their output probabilities averaged.")
+                    "--sweep_learning_rates): the index of the model to use, in the order of summary.json's models; "
+                    "for eval and predict also 'ensemble': every model, their output probabilities averaged.")
 flags.DEFINE_enum("gradcheck_at", "latest", ["latest", "init"], "For --mode=gradcheck with the --workdir of a "
                   "training run: check its model at its latest checkpoint or as it was initialised.")
 flags.DEFINE_integer("port", 8000, "For --mode=serve: the TCP port of the drawing page (0: any free port).",
@@ -213,10 +213,12 @@ def run(mode: str) -> int:
         if not FLAGS.images:
             raise FlagError("--mode=predict needs --images=a.png,b.jpg or a folder")
         images = ",".join(expand(item.strip()) for item in FLAGS.images.split(","))
-        _, failures = experiment.run_predict(workdir, images, FLAGS.save_preprocessed, given_values(), model_index(mode))
+        _, failures = experiment.run_predict(workdir, images, FLAGS.save_preprocessed, given_values(),
+                                             model_index(mode))
         return 1 if failures else 0
     if mode == "gradcheck" and experiment.is_training_run(workdir):  # that run's model, not the flags' one
-        checked = experiment.run_gradcheck_of_run(workdir, given_values(), model_index(mode), FLAGS.gradcheck_at == "init")
+        checked = experiment.run_gradcheck_of_run(workdir, given_values(), model_index(mode),
+                                                  FLAGS.gradcheck_at == "init")
         return 0 if checked["passed"] else 1
     config = config_from(FLAGS)
     if mode == "train":

@@ -1,11 +1,34 @@
 """Shared test set-up: absl flags parsed, a CPU-only JAX, and a small MNIST subset."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest
-from absl import flags
+# One persistent XLA compilation cache per test run, shared by the xdist workers and every
+# `run_experiment.py` / mesh_worker subprocess they start (all inherit this environment): a
+# program compiled once (the same tiny MLP's training chunk, trained by dozens of CLI runs and
+# resumes) is read back instead of compiled again. Keys are the program's HLO, compile options and
+# devices, so a different program (a mutated backward, another mesh) still compiles, and a cached
+# executable computes exactly what a fresh compilation would. The process that creates the cache
+# (the xdist controller, or a plain pytest) removes it at exit; nothing carries over between runs.
+if "DIGITS_TEST_JAX_CACHE" not in os.environ:
+    os.environ["DIGITS_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="digits-test-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["DIGITS_TEST_JAX_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["DIGITS_TEST_JAX_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# (in case jax was imported before this file, e.g. by a plugin: its config read the environment then)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 flags.FLAGS.mark_as_parsed()
 

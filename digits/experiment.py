@@ -583,8 +583,7 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
         if hooks.last_checkpoint != end:
             hooks.save(end, result.state)
 
-    params, model_state = train.reported_model(result.state)
-    final = result.evaluator.splits(params, device, ("train_subset", "validation", "test"), model_state)
+    final = result.final_splits(device, ("train_subset", "validation", "test"))
     best_found = None
     if best is not None and best.state is not None:
         best_params, best_model_state = train.reported_model(best.state)

@@ -57,6 +57,8 @@ def test_the_evaluation_batch_changes_no_prediction(tiny):
     for batch in (23,):  # 9 batches of 23, 7 padding images
         found = jax.jit(train.make_evaluate(spec, jnp.float32, batch))(params, images, labels, state)
         np.testing.assert_array_equal(found[2], whole[2])
+        np.testing.assert_array_equal(found[3], whole[3])  # the probabilities an ensemble averages
+        np.testing.assert_allclose(found[3].sum(axis=1), 1.0, rtol=1e-6)
         assert float(found[1]) == float(whole[1])
         np.testing.assert_allclose(float(found[0]), float(whole[0]), rtol=1e-6)
 
@@ -145,7 +147,7 @@ def test_evaluation_loss_is_against_one_hot_labels(tiny):
     spec = dataclasses.replace(model.MLPSpec((784, 10), init="glorot"), label_smoothing=0.3)
     params = model.init(jax.random.PRNGKey(0), spec)
     images, labels = jnp.asarray(tiny.validation.images), jnp.asarray(tiny.validation.labels)
-    loss, _, _ = train.make_evaluate(spec, jnp.float32)(params, images, labels, model.eval_state(spec, None))
+    loss, *_ = train.make_evaluate(spec, jnp.float32)(params, images, labels, model.eval_state(spec, None))
     z = model.logits(params, model.inputs(images, spec), spec)
     plain = losses.cost_from_logits(z, losses.one_hot(labels, 10, z.dtype), spec)
     np.testing.assert_allclose(float(loss), float(plain), rtol=1e-5)

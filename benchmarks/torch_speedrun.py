@@ -30,8 +30,8 @@ from torch import nn
 def speedrun_net() -> nn.Module:
     """experiments/speedrun_99.cfg's --layers, in PyTorch's NCHW."""
     return nn.Sequential(
-        nn.Conv2d(1, 24, 5), nn.BatchNorm2d(24), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(24, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 24, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(24, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 5 * 5, 256), nn.ReLU(), nn.Linear(256, 10),
     )
 
@@ -98,12 +98,12 @@ def main() -> None:
     parser.add_argument("--net", choices=sorted(NETS), default="speedrun")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--b1", type=float, default=0.7)
     parser.add_argument("--b2", type=float, default=0.9)
-    parser.add_argument("--label_smoothing", type=float, default=0.0)
+    parser.add_argument("--label_smoothing", type=float, default=0.1)
     parser.add_argument("--mnist", default=None, help="mnist.pkl.gz (default: the one in .venv)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

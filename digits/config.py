@@ -112,6 +112,9 @@ class Config:
     tfds_download: bool = option(False, "Allow TFDS to download a missing dataset (needs network).", fingerprint=False)
     validation_size: int = option(10000, "Last N training images held out for validation.", lower=0)
     train_examples: int = option(0, "Use only the first N training images (0: all).", lower=0)
+    expand_shifts: bool = option(False, "Train on a fixed 5x expanded set, as Nielsen's expand_mnist.py makes it: "
+                                 "each training image and four copies shifted by one pixel (up, down, left, right; "
+                                 "the wrapped row or column zeroed), made once and shuffled.")
     # model
     layer_sizes: tuple[int, ...] = option((784, 10, 10), "Dense layer widths, input first: 784,30,10 "
                                           "(ignored when --layers is set).", parse=parse_ints, group="model")

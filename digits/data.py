@@ -116,6 +116,33 @@ def load(
     return load_tfds(name, tfds_data_dir, download=tfds_download)
 
 
+EXPANSION_SEED = 12345678  # the expanded set is one fixed set, whatever the run's --seed
+
+
+def expand_by_shifts(split: Split, seed: int = EXPANSION_SEED) -> Split:
+    """The 5x expanded training set of Nielsen's `expand_mnist.py`: each (H, W) image, then four
+    copies rolled by one pixel (down, up, right, left: np.roll by +1/-1 on axis 0, then axis 1) with
+    the row or column that wrapped around set to zero; the 5N (image, label) pairs shuffled once,
+    by `seed`. uint8 (N, H, W) -> (5N, H, W)."""
+    images = split.images
+    if images.ndim != 3:
+        raise DataError(f"expand_shifts needs (N, H, W) images, got shape {images.shape}")
+    copies = [images]
+    for shift, axis in ((1, 1), (-1, 1), (1, 2), (-1, 2)):
+        rolled = np.roll(images, shift, axis=axis)
+        wrapped = 0 if shift == 1 else images.shape[axis] - 1
+        if axis == 1:
+            rolled[:, wrapped, :] = 0
+        else:
+            rolled[:, :, wrapped] = 0
+        copies.append(rolled)
+    # Interleaved as the book appends them: image i, then its four shifts.
+    expanded = np.stack(copies, axis=1).reshape((-1,) + images.shape[1:])
+    labels = np.repeat(split.labels, len(copies))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return Split(expanded[order], labels[order])
+
+
 def split_validation(dataset: Dataset, validation_size: int) -> Dataset:
     """Holds out the last `validation_size` training images as the validation split."""
     n = len(dataset.train)

@@ -175,6 +175,11 @@ def load_dataset(config: Config) -> data.Dataset:
                               "images")
         n = config.train_examples
         dataset = dataclasses.replace(dataset, train=data.Split(dataset.train.images[:n], dataset.train.labels[:n]))
+    if config.expand_shifts:  # after the validation split: no shifted copy of a validation image is trained on
+        try:
+            dataset = dataclasses.replace(dataset, train=data.expand_by_shifts(dataset.train))
+        except data.DataError as e:
+            raise ConfigError(str(e)) from None
     return dataset
 
 

@@ -154,3 +154,47 @@ def test_validation_split_takes_the_last_images(mnist_splits):
     assert splits.validation.labels.tolist() == [7, 8, 9] and len(splits.train) == 7
     with pytest.raises(data.DataError, match="validation_size"):
         data.split_validation(dataset, 10)
+
+
+def _book_expansion(images, labels):
+    """Nielsen's expand_mnist.py loop, on (N, H, W) images, before its shuffle."""
+    pairs = []
+    for x, y in zip(images, labels, strict=True):
+        pairs.append((x, y))
+        for d, axis, position, index in ((1, 0, "first", 0), (-1, 0, "first", x.shape[0] - 1),
+                                         (1, 1, "last", 0), (-1, 1, "last", x.shape[1] - 1)):
+            new = np.roll(x, d, axis)
+            if position == "first":
+                new[index, :] = 0
+            else:
+                new[:, index] = 0
+            pairs.append((new, y))
+    return pairs
+
+
+def test_the_expanded_set_is_the_books_made_once_and_shuffled():
+    rng = np.random.default_rng(0)
+    split = data.Split(rng.integers(1, 256, (3, 5, 4), dtype=np.uint8), np.array([7, 1, 4], np.int32))
+    expanded = data.expand_by_shifts(split)
+    assert expanded.images.shape == (15, 5, 4) and expanded.images.dtype == np.uint8
+    book = sorted((x.tobytes(), int(y)) for x, y in _book_expansion(split.images, split.labels))
+    assert sorted((x.tobytes(), int(y)) for x, y in zip(expanded.images, expanded.labels, strict=True)) == book
+    assert len(set(book)) == 15  # every shift is a different image (none is lost to a collision)
+    again = data.expand_by_shifts(split)
+    np.testing.assert_array_equal(again.images, expanded.images)  # one fixed set, whatever the run's seed
+    assert not np.array_equal(expanded.labels, np.repeat(split.labels, 5))  # shuffled
+    with pytest.raises(data.DataError, match="expand_shifts"):
+        data.expand_by_shifts(data.Split(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int32)))
+
+
+def test_expand_shifts_expands_the_training_images_only(tmp_path):
+    from digits import experiment
+    from digits.config import Config
+
+    config = Config(cache_dir=str(tmp_path), train_examples=100, validation_size=1000, expand_shifts=True)
+    dataset = experiment.load_dataset(config)
+    plain = experiment.load_dataset(Config(cache_dir=str(tmp_path), train_examples=100, validation_size=1000))
+    assert len(dataset.train) == 500 and len(dataset.validation) == len(plain.validation) == 1000
+    np.testing.assert_array_equal(dataset.validation.images, plain.validation.images)
+    np.testing.assert_array_equal(np.bincount(dataset.train.labels, minlength=10),
+                                  5 * np.bincount(plain.train.labels, minlength=10))

@@ -869,12 +869,15 @@ def run_eval(workdir: pathlib.Path, given: dict | None = None, model_index: int 
             print(f"{name:<12} none (the run holds out no {name} images)")
             continue
         labels = getattr(dataset, name).labels
-        if ensemble:  # the loss column is the ensemble's: the mean cost of each model, averaged
-            predictions = np.argmax(np.mean(found[f"{name}_probabilities"], axis=0), axis=-1)
+        if ensemble:  # models that diverged are left out
+            predictions = train.ensemble_predictions(found[f"{name}_probabilities"])
+            if predictions is None:
+                raise UsageError(f"every model of the run in {workdir} diverged: there is no ensemble to evaluate")
             accuracy = float(np.mean(predictions == labels))
         else:
             predictions, accuracy = found[f"{name}_predictions"], float(found[f"{name}_accuracy"])
-        loss = float(np.mean(found[f"{name}_loss"]))
+        losses = np.atleast_1d(found[f"{name}_loss"])  # an ensemble's: the mean of its models' costs
+        loss = float(np.mean(losses[np.isfinite(losses)])) if np.isfinite(losses).any() else math.nan
         cm = report.confusion_matrix(labels, predictions, num_classes)
         per_class = report.per_class_accuracy(cm)
         summary[name] = {"loss": loss, "accuracy": accuracy, "per_class_accuracy": per_class.tolist(),
@@ -918,8 +921,8 @@ def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool
                                   state=model.eval_state(plan.spec, model_state))
             return train.output_probabilities(logits, plan.spec)
 
-        if trained.model["index"] == ENSEMBLE:  # the mean of the models' probabilities
-            apply = jax.jit(lambda p, s, u8: jnp.mean(jax.vmap(one_model, in_axes=(0, 0, None))(p, s, u8), axis=0))
+        if trained.model["index"] == ENSEMBLE:  # the mean of the models' probabilities (diverged: NaN, left out)
+            apply = jax.jit(lambda p, s, u8: jnp.nanmean(jax.vmap(one_model, in_axes=(0, 0, None))(p, s, u8), axis=0))
         else:
             apply = jax.jit(one_model)
 

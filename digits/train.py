@@ -595,16 +595,19 @@ def output_probabilities(logits: jax.Array, spec: model.ModelSpec) -> jax.Array:
     return outputs / jnp.sum(outputs, axis=-1, keepdims=True)
 
 
-def ensemble_accuracy(probabilities, labels, keep=None) -> float:
-    """The accuracy of the ensemble of K models: argmax of the mean of their class probabilities.
-    probabilities: (K, N, C); labels: (N,); keep: bool (K,), the models to include (default all;
-    diverged ones are left out). NaN when no model is kept."""
+def ensemble_predictions(probabilities, keep=None) -> np.ndarray | None:
+    """The ensemble of K models' predictions: argmax of the mean of their class probabilities.
+    probabilities: (K, N, C); keep: bool (K,), the models to include (default: those whose
+    probabilities are all finite, i.e. that did not diverge). (N,) int, or None when none is kept."""
     probabilities = np.asarray(probabilities, np.float64)
-    keep = np.ones(probabilities.shape[0], bool) if keep is None else np.asarray(keep, bool)
-    if not keep.any():
-        return math.nan
-    mean = probabilities[keep].mean(axis=0)
-    return float(np.mean(np.argmax(mean, axis=-1) == np.asarray(labels)))
+    keep = np.isfinite(probabilities).all(axis=(1, 2)) if keep is None else np.asarray(keep, bool)
+    return np.argmax(probabilities[keep].mean(axis=0), axis=-1) if keep.any() else None
+
+
+def ensemble_accuracy(probabilities, labels, keep=None) -> float:
+    """The accuracy of `ensemble_predictions` against labels (N,); NaN when no model is kept."""
+    predictions = ensemble_predictions(probabilities, keep)
+    return math.nan if predictions is None else float(np.mean(predictions == np.asarray(labels)))
 
 
 class Evaluator:

@@ -249,9 +249,10 @@ def use_compilation_cache(directory: str | None) -> None:
     Programs that compile in under 0.2 s are not worth a file."""
     import jax
 
+    from digits import data
+
     if directory is None:
-        directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "digits", "jax")
+        directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(data.default_cache_dir() / "jax")
     if not directory:
         jax.config.update("jax_enable_compilation_cache", False)
         return

@@ -649,10 +649,14 @@ class Evaluator:
             images, labels = device[name]
             if images.shape[0] == 0:
                 continue
-            label = "train" if name == "train_subset" else name
             for field, value in zip(SPLIT_OUTPUTS, self(params, images, labels, model_state), strict=True):
-                results[f"{label}_{field}"] = value
+                results[f"{split_label(name)}_{field}"] = value
         return results
+
+
+def split_label(name: str) -> str:
+    """The key prefix of a split's results: the train-accuracy prefix reports as "train"."""
+    return "train" if name == "train_subset" else name
 
 
 SPLIT_OUTPUTS = ("loss", "accuracy", "predictions", "probabilities")
@@ -777,8 +781,7 @@ class FitResult:
         last step already computed (evaluating a split costs as much as a good part of an epoch)."""
         step = host_step(self.state)
         known = self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == step else {}
-        label = lambda name: "train" if name == "train_subset" else name  # noqa: E731
-        missing = [name for name in names if f"{label(name)}_accuracy" not in known]
+        missing = [name for name in names if f"{split_label(name)}_accuracy" not in known]
         params, model_state = reported_model(self.state)
         return {**known, **self.evaluator.splits(params, device, missing, model_state)}
 

@@ -104,3 +104,18 @@ def test_usage_lists_registered_kinds():
     text = layers.usage()
     for token in ("dense:N", "convKHxKW:F[:sS][:same]", "maxpoolP", "batchnorm[:momentum][:eps]", "res(<layers>)"):
         assert token in text
+
+
+def test_an_activation_without_its_derivative_is_refused_at_registration():
+    import dataclasses
+
+    from digits.layers import activations
+
+    @dataclasses.dataclass(frozen=True)
+    class NoDerivative(activations._Activation):
+        def forward(self, params, x, key=None):
+            return x, x
+
+    with pytest.raises(ValueError, match="no_derivative: class NoDerivative lacks derivative"):
+        layers.register("no_derivative")(NoDerivative)
+    assert "no_derivative" not in layers.registered()

@@ -22,9 +22,9 @@ class _Activation(base.Layer):
 
     is_activation = True
 
+    @base.required
     def derivative(self, cached):
         """f'(z), from what `forward` cached (each activation defines it beside its forward)."""
-        raise NotImplementedError(f"{type(self).__name__} defines no derivative")
 
     def backward(self, params, cached, dy, need_dx: bool = True):
         """dy -> ({}, dy * f'(z)), f'(z) from what forward cached."""

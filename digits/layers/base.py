@@ -45,6 +45,13 @@ def fail(token: str, message: str):
     raise ValueError(f"{token}: {message}")
 
 
+def required(method):
+    """Marks a method every registered kind must define itself: `register` refuses a class that
+    inherits this placeholder (so it is never called)."""
+    method.required = True
+    return method
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """The defaults of a layer kind. Subclass it as a frozen dataclass and `register` it."""
@@ -112,11 +119,13 @@ class Layer:
     def init(self, key, in_shape: tuple[int, ...], dtype) -> dict:
         return {}
 
+    @required
     def forward(self, params, x, key=None):
-        raise NotImplementedError
+        """x: (B, *in_shape) -> (y (B, *out_shape), cache: what backward needs). Every kind's own."""
 
+    @required
     def backward(self, params, cache, dy, need_dx: bool = True):
-        raise NotImplementedError
+        """dy like y -> (grads like params, dx like x, or None without need_dx). Every kind's own."""
 
     def init_state(self, in_shape: tuple[int, ...], dtype) -> dict:
         """Model state that is not trained (e.g. running statistics); {} for most kinds."""
@@ -147,7 +156,8 @@ def register(name: str):
     """Class decorator: registers a layer kind under its token name.
 
     Raises ValueError for a name already taken (by another class), a name that is not a word, or a
-    class that is not a `Layer` or does not define `forward` and `backward`.
+    class that is not a `Layer` or does not define every `required` method (`forward` and
+    `backward`; an activation's `derivative`).
     """
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"layer name {name!r} must be lower-case letters, digits and _ (starting with a letter)")
@@ -155,7 +165,7 @@ def register(name: str):
     def decorate(cls):
         if not (isinstance(cls, type) and issubclass(cls, Layer)):
             raise ValueError(f"{name}: {cls!r} is not a subclass of digits.layers.Layer")
-        missing = [m for m in ("forward", "backward") if getattr(cls, m) is getattr(Layer, m)]
+        missing = [m for m in dir(cls) if getattr(getattr(cls, m, None), "required", False) is True]
         if missing:
             raise ValueError(f"{name}: class {cls.__name__} lacks {' and '.join(missing)}")
         old = _REGISTRY.get(name)

@@ -975,10 +975,54 @@ def run_benchmark(config: Config, workdir: pathlib.Path) -> list[dict]:
     return rows
 
 
+def train_one_at_a_time(config: Config, runs_dir: pathlib.Path) -> dict:
+    """Trains config.num_seeds seeds one after another, each its own run in runs_dir/seed_<seed>
+    (for conv nets faster than vmapping them: XLA's CPU convolutions batch models poorly), and
+    combines their summaries into one of the K models: accuracy distributions, their ensemble
+    (from each reported model's output probabilities, evaluated again), the runs' summed times."""
+    summaries, probabilities = [], {}
+    for i in range(config.num_seeds):
+        one = dataclasses.replace(config, num_seeds=1, seed=config.seed + i)
+        print(f"--- seed {one.seed} ({i + 1} of {config.num_seeds}) ---", flush=True)
+        summaries.append(run_train(one, runs_dir / f"seed_{one.seed}"))
+        with precision(one):
+            trained = load_trained(runs_dir / f"seed_{one.seed}", one)
+            evaluator = train.Evaluator(trained.plan.spec, trained.plan.dtype, vmapped=False,
+                                        layout=trained.plan.layout)
+            found = evaluator.splits(trained.params, train.device_splits(trained.dataset, trained.plan.layout),
+                                     ("validation", "test"), trained.model_state)
+        for key in ("validation_probabilities", "test_probabilities"):
+            if key in found:
+                probabilities.setdefault(key, []).append(np.asarray(found[key]))
+    stacked = {k: np.stack(v) for k, v in probabilities.items()}
+    keep = np.all(np.isfinite(stacked["test_probabilities"]), axis=(1, 2))  # diverged models are left out
+    return combined_summary(summaries, ensemble_summary(stacked, trained.dataset, keep))
+
+
+def combined_summary(summaries: list[dict], ensemble: dict) -> dict:
+    """The summary of K single-model runs as one run of K models (what results.add reads): final
+    means, across_models distributions, the ensemble, and the runs' times summed (peak memory:
+    the largest; seconds_per_epoch and examples_per_s: one model's, the mean)."""
+    first = summaries[0]
+    across = {k: train.summarise([s["final"].get(k, math.nan) for s in summaries]) for k in first["final"]}
+    times = [s["timings"] for s in summaries]
+    summed = {k: sum(t.get(k) or 0 for t in times) for k in PART_TIMINGS}
+    timings = {**summed, "peak_rss_bytes": max((t.get("peak_rss_bytes") or 0) for t in times) or None,
+               **{k: float(np.mean([t[k] for t in times])) if all(t.get(k) for t in times) else None
+                  for k in ("seconds_per_epoch", "seconds_per_step", "examples_per_s")},
+               "train_s_per_model": [t["train_s"] for t in times]}
+    return {"mode": "train", "config": first["config"], "environment": first["environment"],
+            "epochs": first["epochs"], "steps": first["steps"], "num_models": len(summaries),
+            "models_trained_at_once": 1, "final": {k: d["mean"] for k, d in across.items()},
+            "across_models": across, "ensemble": ensemble, "timings": timings}
+
+
 def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_dir: pathlib.Path,
-                runs_dir: pathlib.Path, readme: pathlib.Path | None = None, overrides: dict | None = None) -> dict:
-    """Trains every experiment over `seeds` seeds (vmapped) and regenerates the results table in
-    results_dir/results.{json,md}. Entries already in results.json for other experiments are kept.
+                runs_dir: pathlib.Path, readme: pathlib.Path | None = None, overrides: dict | None = None,
+                one_at_a_time: bool = False) -> dict:
+    """Trains every experiment over `seeds` seeds (vmapped, or with `one_at_a_time` one run per
+    seed) and regenerates the results table in results_dir/results.{json,md}. Entries already in
+    results.json for other experiments are kept.
 
     readme: given only when publishing (results_dir is the repository's docs/): then the README's
     table and each flagfile's "Result" header line are rewritten too. overrides: values the
@@ -993,7 +1037,8 @@ def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_
         config = dataclasses.replace(config, num_seeds=seeds, checkpoint_every=0)
         print(f"\n=== {name}: {seeds} seeds ===", flush=True)
         shutil.rmtree(runs_dir / name, ignore_errors=True)  # a result is always a fresh run, never a resume
-        summary = run_train(config, runs_dir / name)
+        summary = (train_one_at_a_time(config, runs_dir / name) if one_at_a_time and seeds > 1
+                   else run_train(config, runs_dir / name))
         table = results.add(table, name, path, summary, overrides)
         results.write(table, results_dir)
         if readme is not None:

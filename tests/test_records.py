@@ -109,6 +109,19 @@ def test_results_apply_every_flag_and_only_docs_publishes(cache_dir, tmp_path):
     assert entry["epochs"] == 1 and entry["overrides"] == {"epochs": 1} and entry["command"].endswith("--epochs=1")
     assert "| [tiny](../" in (tmp_path / "out" / "results.md").read_text()
     assert "(with --epochs=1)" in (tmp_path / "out" / "results.md").read_text()
+    assert entry["models_trained_at_once"] == 2 and len(entry["train_s_per_model"]) == 2
+    # One run per seed: the same seeds, combined into one entry with the ensemble of their models.
+    run_cli(*common, "--results_one_at_a_time", f"--results_dir={tmp_path / 'one'}", cache_dir=cache_dir)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["experiments"]["tiny"]
+    runs = [json.loads((tmp_path / "runs" / "tiny" / f"seed_{s}" / "summary.json").read_text()) for s in (0, 1)]
+    assert [r["num_models"] for r in runs] == [1, 1] and [r["config"]["seed"] for r in runs] == [0, 1]
+    assert one["test_accuracy"]["values"] == [r["final"]["test_accuracy"] for r in runs]
+    assert one["train_s_per_model"] == [r["timings"]["train_s"] for r in runs] and one["models_trained_at_once"] == 1
+    assert one["train_s"] == pytest.approx(sum(one["train_s_per_model"]))
+    # Models trained apart match the vmapped ones to within a last-bit difference's effect.
+    assert one["test_accuracy"]["values"] == pytest.approx(entry["test_accuracy"]["values"], abs=0.005)
+    assert one["ensemble_test_accuracy"] == pytest.approx(entry["ensemble_test_accuracy"], abs=0.005)
+    assert f"| {one['seconds_per_epoch']:.2f} (1) |" in (tmp_path / "one" / "results.md").read_text()
     # Only --results_dir=docs publishes (the README table, the flagfiles' "# Result" lines).
     assert flagfile.read_text() == text and (ROOT / "docs" / "results.json").read_bytes() == docs
     assert (ROOT / "README.md").read_bytes() == readme

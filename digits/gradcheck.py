@@ -305,7 +305,8 @@ def _sample_points(params, rng: np.random.Generator, coords_per_leaf: int):
 
 
 def _run(params, batch, spec, value_and_grad, dropout_key, with_reference: bool, key=None, coords_per_leaf: int = 0):
-    """(autodiff reports or [], finite-difference reports or []) from one `_evaluate` call."""
+    """(autodiff reports or [], finite-difference reports or [], the gradient tree under test,
+    jax.grad's tree or None) from one `_evaluate` call."""
     extra = () if dropout_key is None else (dropout_key,)  # gradient functions without the argument still work
     dtype = jnp.result_type(*jax.tree.leaves(params))
     plan, indices, values = [], np.zeros((0,), np.int32), np.zeros((0,), dtype)
@@ -324,7 +325,7 @@ def _run(params, batch, spec, value_and_grad, dropout_key, with_reference: bool,
         raise ValueError(f"gradient tree {jax.tree.structure(manual)} does not match params "
                          f"{jax.tree.structure(params)}")
     names, grads = _leaf_names(params), jax.tree.leaves(manual)
-    autodiff = []
+    autodiff, auto = [], None
     if with_reference:
         auto_loss, auto = reference
         num_params = max(1, sum(leaf.size for leaf in jax.tree.leaves(params)))
@@ -334,7 +335,7 @@ def _run(params, batch, spec, value_and_grad, dropout_key, with_reference: bool,
         for name, m, a, scale in zip(names, grads, auto_leaves, scales, strict=True):
             autodiff.append(_mismatch(name, "jax.grad", m, a) or _autodiff_report(name, m, a, num_params, scale))
     if not plan:
-        return autodiff, []
+        return autodiff, [], manual, auto
     f, slope = np.asarray(f, np.float64)[:count], np.asarray(slope, np.float64)[:count]
     loss_scale = max(1.0, float(np.max(np.abs(f), initial=0.0)))
     finite, start = [], 0
@@ -344,7 +345,7 @@ def _run(params, batch, spec, value_and_grad, dropout_key, with_reference: bool,
             name, np.asarray(grad, np.float64).reshape(-1)[coords], points, f[start:end].reshape(points.shape),
             slope[start:end].reshape(points.shape), loss_scale))
         start = end
-    return autodiff, finite
+    return autodiff, finite, manual, auto
 
 
 def _autodiff_report(name: str, manual, reference, num_params: int, scale=None) -> LeafReport:
@@ -405,8 +406,17 @@ def against_finite_differences(params, batch, spec, key, coords_per_leaf: int = 
 def check(params, batch, spec, key, coords_per_leaf: int = 20, value_and_grad=backprop.value_and_grad,
           dropout_key=None) -> list[LeafReport]:
     """`against_autodiff(...) + against_finite_differences(...)`, computed in one compiled program."""
-    autodiff, finite = _run(params, batch, spec, value_and_grad, dropout_key, True, key, coords_per_leaf)
-    return autodiff + finite
+    return check_with_gradients(params, batch, spec, key, coords_per_leaf, value_and_grad, dropout_key)[0]
+
+
+@_full_precision
+def check_with_gradients(params, batch, spec, key, coords_per_leaf: int = 20, value_and_grad=backprop.value_and_grad,
+                         dropout_key=None) -> tuple[list[LeafReport], list, list]:
+    """(`check`'s reports, the gradient tree under test, jax.grad's tree), from the same program:
+    for a caller that also compares the whole trees (e.g. `tree_agreement`)."""
+    autodiff, finite, manual, auto = _run(params, batch, spec, value_and_grad, dropout_key, True, key,
+                                          coords_per_leaf)
+    return autodiff + finite, manual, auto
 
 
 def verdict(reports: list[LeafReport]) -> bool:

@@ -35,7 +35,8 @@ flags.DEFINE_string("images", "", "For --mode=predict: image files and/or folder
 flags.DEFINE_bool("save_preprocessed", False, "For --mode=predict: write the 28x28 inputs as PNG.")
 flags.DEFINE_list("results_flagfiles", [], "For --mode=results: the experiment flagfiles to run "
                   "(default: every training flagfile in experiments/).")
-flags.DEFINE_integer("results_seeds", 5, "For --mode=results: seeds per experiment (trained at once with vmap).",
+flags.DEFINE_integer("results_seeds", 5, "For --mode=results: seeds per experiment (trained at once with vmap, "
+                     "or one at a time with --results_one_at_a_time).",
                      lower_bound=1)
 flags.DEFINE_bool("results_one_at_a_time", False, "For --mode=results: train the seeds one after another, each "
                   "its own run, instead of vmapped together (faster for conv nets on CPU); the ensemble is the same.")

@@ -395,11 +395,14 @@ def describe(plan: train.Plan, dataset: data.Dataset) -> str:
             + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
 
 
-def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False, tensorboard: bool = False) -> dict:
+def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False, tensorboard: bool = False,
+              final_outputs: dict | None = None) -> dict:
     """Trains, resumes or extends a run in `workdir` and writes metrics, checkpoints, plots and
-    summary; a finished run is reported from its files and left as it is."""
+    summary; a finished run is reported from its files and left as it is. final_outputs: a dict
+    that, when this call trains, receives the final model's evaluation (`Evaluator.splits` of
+    train_subset, validation and test: predictions and output probabilities among them)."""
     with precision(config):
-        return _train(config, workdir, overwrite, tensorboard)
+        return _train(config, workdir, overwrite, tensorboard, final_outputs)
 
 
 def _length(config: Config, steps: int) -> str:
@@ -528,7 +531,8 @@ def _target_summary(plan: train.Plan, parts: list[dict]) -> dict | None:
     return {"accuracy": target, "reached": False} if target else None
 
 
-def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: bool) -> dict:
+def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: bool,
+           final_outputs: dict | None = None) -> dict:
     started = time.perf_counter()
     dataset = load_dataset(config)
     plan = make_plan(config, dataset)
@@ -589,6 +593,8 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
             hooks.save(end, result.state)
 
     final = result.final_splits(device, ("train_subset", "validation", "test"))
+    if final_outputs is not None:
+        final_outputs.update(final)
     best_found = None
     if best is not None and best.state is not None:
         best_params, best_model_state = train.reported_model(best.state)
@@ -978,25 +984,21 @@ def run_benchmark(config: Config, workdir: pathlib.Path) -> list[dict]:
 def train_one_at_a_time(config: Config, runs_dir: pathlib.Path) -> dict:
     """Trains config.num_seeds seeds one after another, each its own run in runs_dir/seed_<seed>
     (for conv nets faster than vmapping them: XLA's CPU convolutions batch models poorly), and
-    combines their summaries into one of the K models: accuracy distributions, their ensemble
-    (from each reported model's output probabilities, evaluated again), the runs' summed times."""
+    combines their summaries into one of the K models: accuracy distributions, the ensemble of
+    their final models (as a vmapped run's summary has it: from the output probabilities of each
+    run's own final evaluation), the runs' summed times. runs_dir must hold none of these runs."""
     summaries, probabilities = [], {}
     for i in range(config.num_seeds):
         one = dataclasses.replace(config, num_seeds=1, seed=config.seed + i)
         print(f"--- seed {one.seed} ({i + 1} of {config.num_seeds}) ---", flush=True)
-        summaries.append(run_train(one, runs_dir / f"seed_{one.seed}"))
-        with precision(one):
-            trained = load_trained(runs_dir / f"seed_{one.seed}", one)
-            evaluator = train.Evaluator(trained.plan.spec, trained.plan.dtype, vmapped=False,
-                                        layout=trained.plan.layout)
-            found = evaluator.splits(trained.params, train.device_splits(trained.dataset, trained.plan.layout),
-                                     ("validation", "test"), trained.model_state)
+        found = {}
+        summaries.append(run_train(one, runs_dir / f"seed_{one.seed}", final_outputs=found))
         for key in ("validation_probabilities", "test_probabilities"):
             if key in found:
                 probabilities.setdefault(key, []).append(np.asarray(found[key]))
     stacked = {k: np.stack(v) for k, v in probabilities.items()}
     keep = np.all(np.isfinite(stacked["test_probabilities"]), axis=(1, 2))  # diverged models are left out
-    return combined_summary(summaries, ensemble_summary(stacked, trained.dataset, keep))
+    return combined_summary(summaries, ensemble_summary(stacked, load_dataset(config), keep))
 
 
 def combined_summary(summaries: list[dict], ensemble: dict) -> dict:

@@ -29,13 +29,14 @@ benchmark: $(STAMP)
 	$(PY) run_experiment.py --mode=benchmark --flagfile=experiments/benchmark.cfg
 
 # Regenerates docs/results.md, docs/results.json, the README table and the flagfiles' "Result"
-# lines by training every experiment over SEEDS seeds (vmapped; ONE_AT_A_TIME=1: one run per seed).
+# lines by training every experiment over SEEDS seeds (vmapped; ONE_AT_A_TIME=1: one run per seed;
+# RESUME=1: resume the runs in runs/results instead of starting afresh).
 # Long: see docs/results.md.
 SEEDS ?= 5
 FLAGFILES ?=
 results: $(STAMP)
 	$(PY) run_experiment.py --mode=results --results_seeds=$(SEEDS) $(if $(FLAGFILES),--results_flagfiles=$(FLAGFILES)) \
-	  $(if $(ONE_AT_A_TIME),--results_one_at_a_time)
+	  $(if $(ONE_AT_A_TIME),--results_one_at_a_time) $(if $(RESUME),--results_resume)
 
 # PROCESSES local processes joined by jax.distributed on 127.0.0.1: multi-host training on one machine.
 PROCESSES ?= 2

@@ -40,6 +40,9 @@ flags.DEFINE_integer("results_seeds", 5, "For --mode=results: seeds per experime
                      lower_bound=1)
 flags.DEFINE_bool("results_one_at_a_time", False, "For --mode=results: train the seeds one after another, each "
                   "its own run, instead of vmapped together (faster for conv nets on CPU); the ensemble is the same.")
+flags.DEFINE_bool("results_resume", False, "For --mode=results: keep the runs already in --workdir (default "
+                  "runs/results) and resume them, or report them if finished, instead of training afresh; every run "
+                  "checkpoints at each evaluation, so a result longer than one session survives its end.")
 flags.DEFINE_string("results_dir", "docs", "For --mode=results: where results.md and results.json go. Only docs "
                     "(the repository's) also rewrites the README table and the flagfiles' Result lines.")
 flags.DEFINE_string("model", "0", "For --mode=eval, predict and gradcheck of a run of several models (--num_seeds, "
@@ -73,7 +76,8 @@ class FlagError(ValueError):
 MODE_FLAGS = {"overwrite": ("train",), "tensorboard": ("train",), "images": ("predict",),
               "save_preprocessed": ("predict",), "model": ("eval", "predict", "gradcheck"),
               "gradcheck_at": ("gradcheck",), "results_flagfiles": ("results",), "results_seeds": ("results",),
-              "results_one_at_a_time": ("results",), "results_dir": ("results",), "port": ("serve",),
+              "results_one_at_a_time": ("results",), "results_resume": ("results",),
+              "results_dir": ("results",), "port": ("serve",),
               "host": ("serve",)}
 MODE_FLAG_PREFIXES = {"bench_": ("benchmark",), "gradcheck_": ("gradcheck",)}  # Config fields of one mode
 
@@ -206,7 +210,8 @@ def run(mode: str) -> int:
         readme = root / "README.md" if results_dir.resolve() == root / "docs" else None  # the published table
         experiment.run_results(entries, FLAGS.results_seeds, results_dir,
                                pathlib.Path(expand(FLAGS.workdir) or "runs/results"), readme,
-                               {k: v for k, v in overrides.items() if k in fingerprinted}, FLAGS.results_one_at_a_time)
+                               {k: v for k, v in overrides.items() if k in fingerprinted}, FLAGS.results_one_at_a_time,
+                               FLAGS.results_resume)
         return 0
     workdir = workdir_from_flags(mode)
     if mode == "eval":

@@ -399,8 +399,9 @@ def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False,
               final_outputs: dict | None = None) -> dict:
     """Trains, resumes or extends a run in `workdir` and writes metrics, checkpoints, plots and
     summary; a finished run is reported from its files and left as it is. final_outputs: a dict
-    that, when this call trains, receives the final model's evaluation (`Evaluator.splits` of
-    train_subset, validation and test: predictions and output probabilities among them)."""
+    that receives the final model's evaluation (`Evaluator.splits` of train_subset, validation
+    and test: predictions and output probabilities among them), from this call's training or,
+    for a finished run, from its final checkpoint."""
     with precision(config):
         return _train(config, workdir, overwrite, tensorboard, final_outputs)
 
@@ -548,6 +549,8 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
         print(f"{workdir} holds a finished run ({existing.step} of {plan.total_steps} steps{at}): nothing to do, "
               "nothing changed. A larger --epochs or --steps extends it; --overwrite starts afresh. Its results:")
         _print_final(existing.summary, workdir)
+        if final_outputs is not None:
+            final_outputs.update(_evaluate_final(plan, dataset, workdir))
         return existing.summary
     prepare_workdir(workdir, config, {"train_size": len(dataset.train), "data_source": dataset.source,
                                       "mesh": plan.layout.to_dict()})
@@ -614,6 +617,19 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
         report.write_json(workdir / SUMMARY_FILE, summary)
     _print_final(summary, workdir)
     return summary
+
+
+def _evaluate_final(plan: train.Plan, dataset: data.Dataset, workdir: pathlib.Path) -> dict:
+    """`Evaluator.splits` of a finished run's final model (its latest checkpoint, whatever
+    --select reports) on train_subset, validation and test: what training it would have given."""
+    try:
+        state, _ = checkpoint.restore(workdir / CHECKPOINT_DIR, plan.init_state())
+    except checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    params, model_state = train.reported_model(state)
+    evaluator = train.Evaluator(plan.spec, plan.dtype, vmapped=plan.vmapped, layout=plan.layout)
+    return evaluator.splits(params, train.device_splits(dataset, plan.layout), ("train_subset", "validation", "test"),
+                            model_state)
 
 
 def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: train.FitResult, final: dict,
@@ -986,7 +1002,8 @@ def train_one_at_a_time(config: Config, runs_dir: pathlib.Path) -> dict:
     (for conv nets faster than vmapping them: XLA's CPU convolutions batch models poorly), and
     combines their summaries into one of the K models: accuracy distributions, the ensemble of
     their final models (as a vmapped run's summary has it: from the output probabilities of each
-    run's own final evaluation), the runs' summed times. runs_dir must hold none of these runs."""
+    run's own final evaluation), the runs' summed times. A seed's run already in runs_dir (of this
+    config: else a ConfigError) is resumed, or reported if it is finished."""
     summaries, probabilities = [], {}
     for i in range(config.num_seeds):
         one = dataclasses.replace(config, num_seeds=1, seed=config.seed + i)
@@ -1023,10 +1040,12 @@ def combined_summary(summaries: list[dict], ensemble: dict) -> dict:
 
 def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_dir: pathlib.Path,
                 runs_dir: pathlib.Path, readme: pathlib.Path | None = None, overrides: dict | None = None,
-                one_at_a_time: bool = False) -> dict:
+                one_at_a_time: bool = False, resume: bool = False) -> dict:
     """Trains every experiment over `seeds` seeds (vmapped, or with `one_at_a_time` one run per
     seed) and regenerates the results table in results_dir/results.{json,md}. Entries already in
-    results.json for other experiments are kept.
+    results.json for other experiments are kept. A result is a fresh run unless `resume`: then
+    the runs in runs_dir are kept and resumed (or reported if finished), and each run checkpoints
+    at every evaluation, so a run longer than a session survives its end.
 
     readme: given only when publishing (results_dir is the repository's docs/): then the README's
     table and each flagfile's "Result" header line are rewritten too. overrides: values the
@@ -1040,7 +1059,10 @@ def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_
         name = path.stem
         config = dataclasses.replace(config, num_seeds=seeds, checkpoint_every=0)
         print(f"\n=== {name}: {seeds} seeds ===", flush=True)
-        shutil.rmtree(runs_dir / name, ignore_errors=True)  # a result is always a fresh run, never a resume
+        if resume:
+            config = dataclasses.replace(config, checkpoint_every=make_plan(config, load_dataset(config)).eval_every)
+        else:
+            shutil.rmtree(runs_dir / name, ignore_errors=True)  # a fresh run, never a resume
         summary = (train_one_at_a_time(config, runs_dir / name) if one_at_a_time and seeds > 1
                    else run_train(config, runs_dir / name))
         # (read again: another results command may have added its rows while this one trained)

@@ -19,6 +19,13 @@ from cli import ENV, ROOT
 from digits import parallel
 
 FLOAT32_ATOL = 1e-5  # float32 sums in another order, over 100 steps of parameters of size ~1
+# Batch norm divides by the batch's standard deviation, which amplifies the rounding of its sums
+# (here 8 x 14 x 14 values per channel, summed in another order on 4 devices) over the 20 steps:
+# measured 2.6e-5 in the tests' unoptimised XLA code (which adds them one by one), 2.2e-6 in
+# optimised code (vectorised partial sums). Statistics of each device's own slice of the batch
+# (2 of the 8 images) would change every step's update itself (learning rate 0.01 x gradients of
+# order 1: differences of order 1e-2, by estimate), far above this bound.
+BATCHNORM_ATOL = 1e-4
 
 
 SCENARIOS = ("data_parallel", "models", "errors")
@@ -82,11 +89,11 @@ def test_conv_net_and_full_batch_train_data_parallel(data_parallel):
 @pytest.mark.parametrize("grad", ["manual", "autodiff"])
 def test_batchnorm_statistics_are_all_reduced_over_the_data_axis(data_parallel, grad):
     found = data_parallel[f"batchnorm_{grad}_D4"]
-    assert found["mesh"] == [1, 4] and found["diff"] < FLOAT32_ATOL and found["scale"] > 0.1
+    assert found["mesh"] == [1, 4] and found["diff"] < BATCHNORM_ATOL and found["scale"] > 0.1
 
 
 def test_batchnorm_seeds_on_a_two_axis_mesh(models):
-    assert models["batchnorm_K2_D8"]["mesh"] == [2, 4] and models["batchnorm_K2_D8"]["diff"] < FLOAT32_ATOL
+    assert models["batchnorm_K2_D8"]["mesh"] == [2, 4] and models["batchnorm_K2_D8"]["diff"] < BATCHNORM_ATOL
 
 
 def test_eight_seeds_on_eight_devices_equal_the_vmapped_run(models):

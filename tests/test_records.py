@@ -122,6 +122,16 @@ def test_results_apply_every_flag_and_only_docs_publishes(cache_dir, tmp_path):
     assert one["test_accuracy"]["values"] == pytest.approx(entry["test_accuracy"]["values"], abs=0.005)
     assert one["ensemble_test_accuracy"] == pytest.approx(entry["ensemble_test_accuracy"], abs=0.005)
     assert f"| {one['seconds_per_epoch']:.2f} (1) |" in (tmp_path / "one" / "results.md").read_text()
+    # --results_resume keeps the runs: a finished seed is reported as it is (its part of the ensemble
+    # evaluated from its final checkpoint), a missing one is trained.
+    seed_0 = (tmp_path / "runs" / "tiny" / "seed_0" / "summary.json").read_bytes()
+    shutil.rmtree(tmp_path / "runs" / "tiny" / "seed_1")
+    run_cli(*common, "--results_one_at_a_time", "--results_resume", f"--results_dir={tmp_path / 'resumed'}",
+            cache_dir=cache_dir)
+    resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())["experiments"]["tiny"]
+    assert (tmp_path / "runs" / "tiny" / "seed_0" / "summary.json").read_bytes() == seed_0
+    assert resumed["test_accuracy"]["values"] == one["test_accuracy"]["values"]
+    assert resumed["ensemble_test_accuracy"] == one["ensemble_test_accuracy"]
     # Only --results_dir=docs publishes (the README table, the flagfiles' "# Result" lines).
     assert flagfile.read_text() == text and (ROOT / "docs" / "results.json").read_bytes() == docs
     assert (ROOT / "README.md").read_bytes() == readme

@@ -86,7 +86,8 @@ def test_input_layer_skips_dx():
 
 
 def test_conv_forward_matches_lax_conv():
-    """The im2col forward computes what lax.conv computes, strides and `same` padding included."""
+    """The im2col forward computes what lax.conv computes, strides and `same` padding included;
+    so does the evaluation forward (lax.conv itself), with the training forward's cache."""
     for layer in (layers.Conv(3, 2, 4, stride=2, padding="same"), layers.Conv(4, 4, 3, stride=3)):
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.normal(size=(2, 9, 8, 3)))
@@ -94,7 +95,11 @@ def test_conv_forward_matches_lax_conv():
                   "b": jnp.asarray(rng.normal(size=layer.filters))}
         expected = jax.lax.conv_general_dilated(x, params["w"], (layer.stride,) * 2, layer.padding.upper(),
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["b"]
-        chex.assert_trees_all_close(jax.jit(layer.forward)(params, x)[0], expected, rtol=1e-12)
+        y, cache = jax.jit(layer.forward)(params, x)
+        chex.assert_trees_all_close(y, expected, rtol=1e-12)
+        y_infer, cache_infer = jax.jit(layer.infer_forward)(params, {}, x)
+        chex.assert_trees_all_close(y_infer, expected, rtol=1e-12)
+        chex.assert_trees_all_equal(cache_infer, cache)
 
 
 @jax.jit(static_argnums=2)

@@ -286,7 +286,7 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 # What each part of a run (one command that trained it) records of its time; a run's timings
 # are their sums, so they add up across resumes. Its peak memory (peak_rss_bytes) is a maximum.
-PART_TIMINGS = ("compile_s", "eval_compile_s", "train_s", "eval_s", "steps_timed", "total_s")
+PART_TIMINGS = ("compile_s", "eval_compile_s", "train_s", "eval_s", "data_s", "gradcheck_s", "steps_timed", "total_s")
 
 
 def _fold_audits(audits: list[dict]) -> dict:
@@ -297,7 +297,8 @@ def _fold_audits(audits: list[dict]) -> dict:
 
 
 def _total_timings(parts: list[dict], plan: train.Plan) -> dict:
-    sums = {k: sum(p.get(k) or 0 for p in parts) for k in PART_TIMINGS}
+    # (None: no part recorded it, as runs of an earlier version did not time data and the check)
+    sums = {k: sum(p.get(k) or 0 for p in parts) if any(k in p for p in parts) else None for k in PART_TIMINGS}
     per_step = sums["train_s"] / sums["steps_timed"] if sums["steps_timed"] else None
     peaks = [p["peak_rss_bytes"] for p in parts if p.get("peak_rss_bytes")]
     return {**sums, "peak_rss_bytes": max(peaks) if peaks else None, "seconds_per_step": per_step,
@@ -537,6 +538,7 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     started = time.perf_counter()
     dataset = load_dataset(config)
     plan = make_plan(config, dataset)
+    data_s, gradcheck_s = time.perf_counter() - started, 0.0
     if overwrite:
         removed = remove_outputs(workdir) if parallel.is_primary() else []
         if removed:
@@ -567,7 +569,9 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     gradient_check = metadata.get("gradient_check_at_init")
     if gradient_check is None:  # once per run: a resume reads it from the checkpoint
         first_params = jax.tree.map(lambda x: x[0], host_state.params) if plan.vmapped else host_state.params
+        checking = time.perf_counter()
         gradient_check = initial_gradient_check(first_params, dataset, plan.spec, plan.dtype)
+        gradcheck_s = time.perf_counter() - checking
     else:
         print(f"Gradient check at init: {'PASS' if gradient_check['passed'] else 'FAIL'} (checked when the run "
               f"started, on {gradient_check['examples']} examples; not repeated on resume)\n", flush=True)
@@ -605,7 +609,8 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     timings = result.timings(plan)
     part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
             "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
-            "total_s": time.perf_counter() - started, "peak_rss_bytes": report.peak_rss_bytes()}
+            "data_s": data_s, "gradcheck_s": gradcheck_s, "total_s": time.perf_counter() - started,
+            "peak_rss_bytes": report.peak_rss_bytes()}
     if result.target is not None:
         part["target"] = {"accuracy": config.target_accuracy, **result.target}
     if plan.config.grad == "both":
@@ -727,11 +732,16 @@ def wall_time_line(timings: dict) -> str:
     """Where the run's wall time went, and its peak memory, in one line."""
     compile_s = (timings.get("compile_s") or 0) + (timings.get("eval_compile_s") or 0)
     train_s, eval_s, total_s = timings.get("train_s") or 0, timings.get("eval_s") or 0, timings.get("total_s") or 0
-    other = max(total_s - compile_s - train_s - eval_s, 0.0)
+    data_s, gradcheck_s = timings.get("data_s"), timings.get("gradcheck_s")
+    other = max(total_s - compile_s - train_s - eval_s - (data_s or 0) - (gradcheck_s or 0), 0.0)
     peak = timings.get("peak_rss_bytes")
+    if data_s is None:  # a run recorded before these two were timed
+        parts = f"other {other:.2f} s (data, gradient check at init, checkpoints, plots)"
+    else:
+        parts = (f"data {data_s:.2f} s, gradient check at init {gradcheck_s:.2f} s, other {other:.2f} s "
+                 "(initialisation, checkpoints, plots)")
     return (f"Wall time {total_s:.2f} s: training {train_s:.2f} s, evaluation {eval_s:.2f} s, compilation "
-            f"{compile_s:.2f} s, other {other:.2f} s (data, gradient check at init, checkpoints, plots)"
-            + (f"; peak memory {peak / 2**30:.2f} GiB" if peak else ""))
+            f"{compile_s:.2f} s, {parts}" + (f"; peak memory {peak / 2**30:.2f} GiB" if peak else ""))
 
 
 # --- gradient check, evaluation and prediction ----------------------------------------------------

@@ -36,7 +36,7 @@ SEEDS ?= 5
 FLAGFILES ?=
 results: $(STAMP)
 	$(PY) run_experiment.py --mode=results --results_seeds=$(SEEDS) $(if $(FLAGFILES),--results_flagfiles=$(FLAGFILES)) \
-	  $(if $(ONE_AT_A_TIME),--results_one_at_a_time) $(if $(RESUME),--results_resume)
+	  $(if $(filter-out 0,$(ONE_AT_A_TIME)),--results_one_at_a_time) $(if $(filter-out 0,$(RESUME)),--results_resume)
 
 # PROCESSES local processes joined by jax.distributed on 127.0.0.1: multi-host training on one machine.
 PROCESSES ?= 2

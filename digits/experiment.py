@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
+import os
 import pathlib
 import shutil
 import signal
@@ -312,19 +314,23 @@ class _WorkdirHooks(train.Hooks):
 
     def __init__(self, plan: train.Plan, workdir: pathlib.Path, step: int, last_checkpoint, stop: dict,
                  metrics: report.MetricsWriter, tensorboard: bool, record: dict,
-                 best: train.BestValidation | None = None):
+                 best: train.BestValidation | None = None, clock: dict | None = None, started: float | None = None):
         self.plan, self.ckpt_dir, self.stop = plan, workdir / CHECKPOINT_DIR, stop
         self.best, self.best_dir = best, workdir / BEST_DIR
         self.last_checkpoint, self.metrics = last_checkpoint, metrics
         self.progress = Progress(plan.total_steps, step)
         self.tb = report.TensorBoardWriter(workdir / "tensorboard") if tensorboard and metrics else None
-        self.record, self.start_step, self.started, self.audit = record, step, time.perf_counter(), None
+        self.record, self.start_step, self.audit = record, step, None
+        # clock: this command's timings so far, which fit keeps up to date; started: when it began
+        self.clock, self.started = {} if clock is None else clock, time.perf_counter() if started is None else started
 
     def part(self, step: int) -> dict:
-        """This command's part of the run up to `step` (its exact timings come with the summary)."""
+        """This command's part of the run up to `step`, with its timings so far (`clock`: fit's,
+        and data_s, gradcheck_s): what a checkpoint records, so that a part that never finishes
+        (stopped, killed) still counts. A finished part's come with the summary."""
         part = {"start_step": self.start_step, "end_step": step, "total_steps": self.plan.total_steps,
-                "date": datetime.date.today().isoformat(), "total_s": time.perf_counter() - self.started,
-                "interrupted": True}
+                "date": datetime.date.today().isoformat(), **self.clock,
+                "total_s": time.perf_counter() - self.started, "interrupted": True}
         return part if self.audit is None else {**part, "grad_audit": self.audit}
 
     def save(self, step: int, state) -> None:
@@ -400,11 +406,44 @@ def run_train(config: Config, workdir: pathlib.Path, *, overwrite: bool = False,
               final_outputs: dict | None = None) -> dict:
     """Trains, resumes or extends a run in `workdir` and writes metrics, checkpoints, plots and
     summary; a finished run is reported from its files and left as it is. final_outputs: a dict
-    that receives the final model's evaluation (`Evaluator.splits` of train_subset, validation
-    and test: predictions and output probabilities among them), from this call's training or,
-    for a finished run, from its final checkpoint."""
-    with precision(config):
+    that receives the final model's evaluation (`Evaluator.splits`: predictions and output
+    probabilities among them), from this call's training (train_subset, validation and test)
+    or, for a finished run, from its final checkpoint (validation and test)."""
+    with precision(config), _workdir_lock(workdir):
         return _train(config, workdir, overwrite, tensorboard, final_outputs)
+
+
+def _open_directory(path: pathlib.Path) -> int | None:
+    """A read-only descriptor of the directory `path` (created if missing), or None where that
+    fails (a file there, no permission: the command reports it where it writes)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path):
+    """An exclusive lock on the workdir (flock on the directory itself, so no file is left) for
+    the command's duration: a second process training the same run, which would interleave
+    checkpoints, metrics and summaries, is refused instead. The primary process takes it (the
+    others of a multi-process run write nothing); file systems without flock go unlocked."""
+    fd = _open_directory(workdir) if parallel.is_primary() else None
+    if fd is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another process is training the run in {workdir}: wait for it to finish, or "
+                             "choose another --workdir") from None
+        except OSError:
+            pass  # (no flock here, e.g. some network file systems)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _length(config: Config, steps: int) -> str:
@@ -588,9 +627,11 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     device = train.device_splits(dataset, plan.layout)
     metrics_file = report.MetricsWriter(workdir / METRICS_FILE) if parallel.is_primary() else contextlib.nullcontext()
     with metrics_file as metrics, stop_requests() as stop:
-        hooks = _WorkdirHooks(plan, workdir, step, existing.step, stop, metrics, tensorboard, record, best)
+        clock = {"data_s": data_s, "gradcheck_s": gradcheck_s}
+        hooks = _WorkdirHooks(plan, workdir, step, existing.step, stop, metrics, tensorboard, record, best, clock,
+                              started)
         try:
-            result = train.fit(plan, state, device, [hooks], best)
+            result = train.fit(plan, state, device, [hooks], best, clock)
         except train.Diverged as e:
             raise hooks.diverged(e) from None
         finally:
@@ -626,15 +667,14 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
 
 def _evaluate_final(plan: train.Plan, dataset: data.Dataset, workdir: pathlib.Path) -> dict:
     """`Evaluator.splits` of a finished run's final model (its latest checkpoint, whatever
-    --select reports) on train_subset, validation and test: what training it would have given."""
+    --select reports) on validation and test, as its training's final evaluation gave them."""
     try:
         state, _ = checkpoint.restore(workdir / CHECKPOINT_DIR, plan.init_state())
     except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
     params, model_state = train.reported_model(state)
     evaluator = train.Evaluator(plan.spec, plan.dtype, vmapped=plan.vmapped, layout=plan.layout)
-    return evaluator.splits(params, train.device_splits(dataset, plan.layout), ("train_subset", "validation", "test"),
-                            model_state)
+    return evaluator.splits(params, train.device_splits(dataset, plan.layout), ("validation", "test"), model_state)
 
 
 def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: train.FitResult, final: dict,
@@ -1073,8 +1113,15 @@ def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_
             config = dataclasses.replace(config, checkpoint_every=make_plan(config, load_dataset(config)).eval_every)
         else:
             shutil.rmtree(runs_dir / name, ignore_errors=True)  # a fresh run, never a resume
-        summary = (train_one_at_a_time(config, runs_dir / name) if one_at_a_time and seeds > 1
-                   else run_train(config, runs_dir / name))
+        try:
+            summary = (train_one_at_a_time(config, runs_dir / name) if one_at_a_time and seeds > 1
+                       else run_train(config, runs_dir / name))
+        except Interrupted as e:  # (the advice of a training command, said for this one)
+            raise Interrupted(f"{e}" + ("" if resume else " with --results_resume (make results RESUME=1); without "
+                                        "it a results command starts afresh")) from None
+        except ConfigError as e:
+            raise ConfigError(f"{e} (for --mode=results: drop --results_resume to start afresh, or remove "
+                              f"{runs_dir / name})") from None
         # (read again: another results command may have added its rows while this one trained)
         table = results.add(results.load(results_dir / "results.json"), name, path, summary, overrides)
         results.write(table, results_dir)

@@ -838,7 +838,7 @@ def _target_reached(plan: Plan, step: int, validation_accuracy) -> dict | None:
 
 
 def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = (),
-        best: BestValidation | None = None) -> FitResult:
+        best: BestValidation | None = None, clock: dict | None = None) -> FitResult:
     """Trains from `state` (fresh or restored: its step says where) to `plan.total_steps`, or
     with --target_accuracy to the first evaluation that reaches it (`FitResult.target`; a state
     restored at an evaluation step that had reached it trains no further).
@@ -847,7 +847,9 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
     `hooks.after_chunk`; at every evaluation, `best.update` (if given) and then a metrics record
     to `hooks.after_eval`. Evaluations use `reported_model(state)`.
     Raises `Diverged` when every model's loss is non-finite (the state before that chunk is gone:
-    it was donated; checkpoints are the hooks' business).
+    it was donated; checkpoints are the hooks' business). clock: a dict that fit keeps up to date
+    before every hook call with the time so far (compile_s, train_s, steps_timed, eval_s,
+    eval_compile_s), for hooks that record the timings of a run that may stop early.
     """
     step = host_step(state)
     evaluator = Evaluator(plan.spec, plan.dtype, plan.vmapped, plan.layout)
@@ -864,6 +866,12 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
 
     diverged = np.zeros(plan.config.num_models, bool)
     train_s, steps_done, loss_sum, loss_steps, last_eval = 0.0, 0, 0.0, 0, None
+    clock = {} if clock is None else clock
+
+    def tick():
+        clock.update(compile_s=compile_s, train_s=train_s, steps_timed=steps_done, eval_s=evaluator.eval_s,
+                     eval_compile_s=evaluator.compile_s)
+
     audit = {"count": 0, "max_violation": 0.0, "max_relative_error": 0.0, "max_abs_error": 0.0, "passed": True}
     auditing = plan.config.grad == "both" and plan.config.audit_every > 0
     while step < plan.total_steps and target is None:
@@ -898,9 +906,11 @@ def fit(plan: Plan, state: TrainState, device: dict, hooks: Sequence[Hooks] = ()
                 target = _target_reached(plan, step, validation)
                 if best is not None:
                     best.update(step, state, validation)
+            tick()
             for hook in hooks:
                 hook.after_eval(step, state, record)
             loss_sum, loss_steps = 0.0, 0
+        tick()
         for hook in hooks:
             hook.after_chunk(step, state)
     return FitResult(state, diverged, compile_s, train_s, steps_done, audit, evaluator, target, best, last_eval)

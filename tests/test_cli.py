@@ -187,6 +187,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(cache_dir, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not checkpoint.list_steps(killed / "checkpoints"):
         time.sleep(0.05)
+    process.send_signal(signal.SIGSTOP)  # (stopped, it still holds the workdir)
+    second = run_cli(*args, f"--workdir={killed}", cache_dir=cache_dir, check=False)
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode == 1 and len(lines) == 1 and "another process is training" in lines[0], second.stderr
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = checkpoint.latest_step(killed / "checkpoints")
@@ -199,6 +203,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(cache_dir, tmp_path):
         return json.loads((workdir / "summary.json").read_text())["final"]
 
     assert final(killed) == final(reference)
+    # The killed part's time up to its last checkpoint counts: its checkpoint recorded it.
+    summary = json.loads((killed / "summary.json").read_text())
+    first, last = summary["parts"]
+    assert first["interrupted"] and first["end_step"] == first["steps_timed"] == killed_at
+    assert first["train_s"] > 0 and first["data_s"] > 0 and first["gradcheck_s"] > 0
+    assert summary["timings"]["train_s"] == pytest.approx(first["train_s"] + last["train_s"])
+    assert summary["timings"]["steps_timed"] == 3000 and last["gradcheck_s"] == 0  # (checked once, at the start)
     steps = [r["step"] for r in report.read_metrics(killed / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 3000
 

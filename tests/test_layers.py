@@ -86,8 +86,8 @@ def test_input_layer_skips_dx():
 
 
 def test_conv_forward_matches_lax_conv():
-    """The im2col forward computes what lax.conv computes, strides and `same` padding included;
-    so does the evaluation forward (lax.conv itself), with the training forward's cache."""
+    """The im2col forward computes what lax.conv computes, strides and `same` padding included,
+    in training and in evaluation mode (the same forward, the same cache)."""
     for layer in (layers.Conv(3, 2, 4, stride=2, padding="same"), layers.Conv(4, 4, 3, stride=3)):
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.normal(size=(2, 9, 8, 3)))

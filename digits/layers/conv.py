@@ -96,18 +96,6 @@ class Conv(base.Layer):
         patches = jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
         return patches @ params["w"].reshape(-1, self.filters) + params["b"], (x.shape, patches)
 
-    def infer_forward(self, params, state, x):
-        """Evaluation mode: y as lax.conv computes it, the same sum as `forward`'s (to float
-        rounding). No jax.grad passes through here, and a forward-only convolution in
-        standard layouts runs fast inside loops too: evaluating the speedrun's net took about
-        a third of the im2col forward's time per image (docs/performance.md). The cache is
-        `forward`'s. XLA computes it only where `backward_infer` reads it (input gradients of
-        a trained model), so evaluation builds no patches."""
-        s = self.stride
-        y = lax.conv_general_dilated(x, params["w"], (s, s), self.pads(x.shape[1:]),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["b"]
-        return y, self.forward(params, x)[1]
-
     def backward(self, params, cache, dy, need_dx: bool = True):
         """dy: (B, H', W', F) -> ({"w": (KH, KW, C_in, F), "b": (F,)}, dx (B, H, W, C_in)).
 

@@ -1116,10 +1116,14 @@ def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_
         try:
             summary = (train_one_at_a_time(config, runs_dir / name) if one_at_a_time and seeds > 1
                        else run_train(config, runs_dir / name))
-        except Interrupted as e:  # (the advice of a training command, said for this one)
-            raise Interrupted(f"{e}" + ("" if resume else " with --results_resume (make results RESUME=1); without "
-                                        "it a results command starts afresh")) from None
-        except ConfigError as e:
+        except Interrupted as e:  # (a training command's advice, completed for a results command)
+            if resume:
+                raise
+            raise Interrupted(f"{e} with --results_resume (make results RESUME=1); without it a results command "
+                              "starts afresh") from None
+        except ConfigError as e:  # (a kept run of another config: its advice names --overwrite)
+            if not resume:
+                raise
             raise ConfigError(f"{e} (for --mode=results: drop --results_resume to start afresh, or remove "
                               f"{runs_dir / name})") from None
         # (read again: another results command may have added its rows while this one trained)

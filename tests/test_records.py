@@ -132,6 +132,11 @@ def test_results_apply_every_flag_and_only_docs_publishes(cache_dir, tmp_path):
     assert (tmp_path / "runs" / "tiny" / "seed_0" / "summary.json").read_bytes() == seed_0
     assert resumed["test_accuracy"]["values"] == one["test_accuracy"]["values"]
     assert resumed["ensemble_test_accuracy"] == one["ensemble_test_accuracy"]
+    # A kept run of another config is refused, with advice for a results command.
+    other = run_cli(*common, "--results_one_at_a_time", "--results_resume", "--learning_rate=0.2",
+                    f"--results_dir={tmp_path / 'other'}", cache_dir=cache_dir, check=False)
+    lines = _error_lines(other)
+    assert other.returncode != 0 and len(lines) == 1 and "drop --results_resume" in lines[0], other.stderr
     # Only --results_dir=docs publishes (the README table, the flagfiles' "# Result" lines).
     assert flagfile.read_text() == text and (ROOT / "docs" / "results.json").read_bytes() == docs
     assert (ROOT / "README.md").read_bytes() == readme

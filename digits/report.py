@@ -1,7 +1,9 @@
 """Metrics files (JSON / JSON lines), confusion matrices and PNG figures of a run.
 
-Figures use matplotlib's Agg backend so they render on headless machines; every plot function
-closes its figure, so calling them once per evaluation does not leak memory.
+Figures are matplotlib `Figure`s drawn by the Agg canvas, without pyplot: they render on
+headless machines, no global figure registry holds them (nothing to close, nothing leaks when a
+plot is made once per evaluation), and matplotlib is imported only when a plot is made (about a
+second that commands without plots skip).
 """
 
 from __future__ import annotations
@@ -16,15 +18,10 @@ import platform
 from collections import defaultdict
 from importlib import metadata as importlib_metadata
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # headless: must precede the pyplot import
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from digits import files  # noqa: E402
-from digits.files import to_jsonable  # noqa: E402,F401  (re-exported: report.to_jsonable)
+from digits import files
+from digits.files import to_jsonable  # noqa: F401  (re-exported: report.to_jsonable)
 
 ACCURACY_KEYS = ("train_accuracy", "validation_accuracy", "test_accuracy")
 LOSS_KEYS = ("loss", "validation_loss")
@@ -195,18 +192,29 @@ def per_class_accuracy(cm) -> np.ndarray:
 # ----------------------------------------------------------------------------------- figures
 
 
+def _figure(**kwargs):
+    """A new matplotlib Figure with an Agg canvas (matplotlib is imported here, at the first plot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _save(fig, path) -> None:
-    """Writes `fig` as PNG (parent dirs created) and always closes it."""
+    """Writes `fig` as PNG (parent dirs created) and always clears it."""
     try:
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
     finally:
-        plt.close(fig)
+        fig.clear()
 
 
 def _message_figure(text: str, path) -> None:
-    fig, ax = plt.subplots(figsize=(4, 2))
+    fig = _figure(figsize=(4, 2))
+    ax = fig.subplots()
     ax.text(0.5, 0.5, text, ha="center", va="center")
     ax.set_axis_off()
     _save(fig, path)
@@ -244,7 +252,8 @@ def _plot_keys(ax, records: list[dict], keys, ylabel: str) -> None:
 
 def plot_learning_curves(records: list[dict], path) -> None:
     """Two panels: loss(es) vs step and accuracies vs step; absent keys are skipped."""
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _figure(figsize=(11, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
     _plot_keys(loss_ax, records, LOSS_KEYS, "loss")
     _plot_keys(acc_ax, records, ACCURACY_KEYS, "accuracy")
     _save(fig, path)
@@ -254,7 +263,8 @@ def plot_confusion_matrix(cm, path, title: str = "Test confusion matrix") -> Non
     """Heat map of a (C, C) confusion matrix with each cell's count written in it."""
     cm = np.asarray(cm)
     size = max(4.0, 0.6 * cm.shape[0] + 1.5)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = _figure(figsize=(size + 1, size))
+    ax = fig.subplots()
     image = ax.imshow(cm, cmap="Blues")
     fig.colorbar(image, ax=ax)
     threshold = cm.max() / 2 if cm.size else 0
@@ -288,7 +298,8 @@ def plot_misclassified(images, labels, predictions, path, max_images: int = 36) 
         return
     cols = math.ceil(math.sqrt(wrong.size))
     rows = math.ceil(wrong.size / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), squeeze=False)
+    fig = _figure(figsize=(1.5 * cols, 1.7 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, i in zip(axes.flat, wrong, strict=False):  # the grid may have spare cells
@@ -322,7 +333,8 @@ def plot_benchmark(rows: list[dict], path) -> None:
     if not rows:
         _message_figure("no benchmark rows", path)
         return
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = _figure(figsize=(7, 5))
+    ax = fig.subplots()
     for (layers, grad), (spc, batches, speeds) in _benchmark_lines(rows).items():
         ax.plot(batches, speeds, marker="o", label=f"{layers} {grad} (steps/call {spc})")
     ax.set_xscale("log", base=2)

@@ -166,6 +166,9 @@ class Config:
                                  lower=0, fingerprint=False)
     eval_every: int = option(0, "Evaluate every N steps (0: every epoch; 50 steps for full batch).",
                              lower=0, fingerprint=False)
+    train_accuracy_examples: int = option(10000, "Measure the train accuracy at every evaluation on the first N "
+                                          "training images (0: not measured, which saves evaluating them: a third "
+                                          "of a one-epoch run's evaluation).", lower=0, fingerprint=False)
     audit_every: int = option(0, "With --grad=both: compare manual with jax.grad every N steps (0: at every "
                              "evaluation).", lower=0)
     ema_decay: float = option(0.0, "Keep an exponential moving average of the parameters and of the model state "

@@ -288,7 +288,8 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 # What each part of a run (one command that trained it) records of its time; a run's timings
 # are their sums, so they add up across resumes. Its peak memory (peak_rss_bytes) is a maximum.
-PART_TIMINGS = ("compile_s", "eval_compile_s", "train_s", "eval_s", "data_s", "gradcheck_s", "steps_timed", "total_s")
+PART_TIMINGS = ("compile_s", "eval_compile_s", "train_s", "eval_s", "data_s", "gradcheck_s", "plot_s", "steps_timed",
+                "total_s")
 
 
 def _fold_audits(audits: list[dict]) -> dict:
@@ -624,7 +625,7 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
               "parts": existing.parts(metadata)}
 
     best = _restore_best(workdir, plan, existing.step is not None) if config.select == "best_validation" else None
-    device = train.device_splits(dataset, plan.layout)
+    device = train.device_splits(dataset, plan.layout, config.train_accuracy_examples)
     metrics_file = report.MetricsWriter(workdir / METRICS_FILE) if parallel.is_primary() else contextlib.nullcontext()
     with metrics_file as metrics, stop_requests() as stop:
         clock = {"data_s": data_s, "gradcheck_s": gradcheck_s}
@@ -647,10 +648,14 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     if best is not None and best.state is not None:
         best_params, best_model_state = train.reported_model(best.state)
         best_found = result.evaluator.splits(best_params, device, ("validation", "test"), best_model_state)
+    plotting = time.perf_counter()
+    if parallel.is_primary():
+        _plot_run(plan, dataset, workdir, final)
+    plot_s = time.perf_counter() - plotting
     timings = result.timings(plan)
     part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
             "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
-            "data_s": data_s, "gradcheck_s": gradcheck_s, "total_s": time.perf_counter() - started,
+            "data_s": data_s, "gradcheck_s": gradcheck_s, "plot_s": plot_s, "total_s": time.perf_counter() - started,
             "peak_rss_bytes": report.peak_rss_bytes()}
     if result.target is not None:
         part["target"] = {"accuracy": config.target_accuracy, **result.target}
@@ -677,14 +682,24 @@ def _evaluate_final(plan: train.Plan, dataset: data.Dataset, workdir: pathlib.Pa
     return evaluator.splits(params, train.device_splits(dataset, plan.layout), ("validation", "test"), model_state)
 
 
+def _first_test_confusion(plan: train.Plan, dataset: data.Dataset, final: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(test predictions (N,), confusion matrix (C, C)) of the run's first model."""
+    first = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
+    return first, report.confusion_matrix(dataset.test.labels, first, plan.spec.num_classes)
+
+
+def _plot_run(plan: train.Plan, dataset: data.Dataset, workdir: pathlib.Path, final: dict) -> None:
+    """The run's figures: the first model's test confusion matrix and misclassified digits, and
+    the learning curves of metrics.jsonl."""
+    first, cm = _first_test_confusion(plan, dataset, final)
+    report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
+    report.plot_misclassified(dataset.test.images, dataset.test.labels, first, workdir / "misclassified.png")
+    report.plot_learning_curves(report.read_metrics(workdir / METRICS_FILE), workdir / "learning_curves.png")
+
+
 def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: train.FitResult, final: dict,
                    gradient_check: dict, parts: list[dict]) -> dict:
-    first = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
-    cm = report.confusion_matrix(dataset.test.labels, first, plan.spec.num_classes)
-    if parallel.is_primary():
-        report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
-        report.plot_misclassified(dataset.test.images, dataset.test.labels, first, workdir / "misclassified.png")
-        report.plot_learning_curves(report.read_metrics(workdir / METRICS_FILE), workdir / "learning_curves.png")
+    _, cm = _first_test_confusion(plan, dataset, final)
     metrics = train.split_metrics(final)
     if plan.vmapped:
         metrics = {k: np.where(result.diverged, np.nan, v) for k, v in metrics.items()}
@@ -772,14 +787,17 @@ def wall_time_line(timings: dict) -> str:
     """Where the run's wall time went, and its peak memory, in one line."""
     compile_s = (timings.get("compile_s") or 0) + (timings.get("eval_compile_s") or 0)
     train_s, eval_s, total_s = timings.get("train_s") or 0, timings.get("eval_s") or 0, timings.get("total_s") or 0
-    data_s, gradcheck_s = timings.get("data_s"), timings.get("gradcheck_s")
-    other = max(total_s - compile_s - train_s - eval_s - (data_s or 0) - (gradcheck_s or 0), 0.0)
+    data_s, gradcheck_s, plot_s = timings.get("data_s"), timings.get("gradcheck_s"), timings.get("plot_s")
+    other = max(total_s - compile_s - train_s - eval_s - (data_s or 0) - (gradcheck_s or 0) - (plot_s or 0), 0.0)
     peak = timings.get("peak_rss_bytes")
-    if data_s is None:  # a run recorded before these two were timed
+    if data_s is None:  # a run recorded before these were timed
         parts = f"other {other:.2f} s (data, gradient check at init, checkpoints, plots)"
-    else:
+    elif plot_s is None:  # recorded before plots were timed (and before total_s included them)
         parts = (f"data {data_s:.2f} s, gradient check at init {gradcheck_s:.2f} s, other {other:.2f} s "
-                 "(initialisation, checkpoints, plots)")
+                 "(initialisation, checkpoints)")
+    else:
+        parts = (f"data {data_s:.2f} s, gradient check at init {gradcheck_s:.2f} s, plots {plot_s:.2f} s, "
+                 f"other {other:.2f} s (initialisation, checkpoints)")
     return (f"Wall time {total_s:.2f} s: training {train_s:.2f} s, evaluation {eval_s:.2f} s, compilation "
             f"{compile_s:.2f} s, {parts}" + (f"; peak memory {peak / 2**30:.2f} GiB" if peak else ""))
 
@@ -989,8 +1007,8 @@ def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool
             raise ConfigError(f"predict makes 28x28 MNIST-style inputs, but the model in {workdir} takes "
                               f"{'x'.join(map(str, trained.dataset.image_shape))} images")
         def one_model(params, model_state, images_u8):  # sigmoid outputs normalised for display
-            logits = model.logits(params, model.inputs(images_u8, plan.spec, plan.dtype), plan.spec,
-                                  state=model.eval_state(plan.spec, model_state))
+            logits = model.predict_logits(params, model.inputs(images_u8, plan.spec, plan.dtype), plan.spec,
+                                          model_state)
             return train.output_probabilities(logits, plan.spec)
 
         if trained.model["index"] == ENSEMBLE:  # the mean of the models' probabilities (diverged: NaN, left out)

@@ -212,6 +212,12 @@ def logits(params, x: jax.Array, spec: ModelSpec, dropout_key=None, state=None) 
     return forward(params, x, spec, dropout_key, state).logits
 
 
+def predict_logits(params, x: jax.Array, spec: ModelSpec, state=None) -> jax.Array:
+    """`logits` in evaluation mode, computed by each layer's `predict` (no caches, so cheaper;
+    equal values): what evaluation and prediction use. Not for differentiating (`logits` is)."""
+    return stack.predict(spec.layers, spec.implicit_activation, params, x, eval_state(spec, state))
+
+
 def eval_state(spec: ModelSpec, state):
     """The state evaluation uses: the given one, or for a model without state an empty one."""
     if state is None:

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from digits import augment, backprop, data, gradcheck, layers, losses, model, parallel
 from digits.config import Config
 
-TRAIN_ACCURACY_EXAMPLES = 10000  # train accuracy is measured on this fixed prefix, to bound its cost
+TRAIN_ACCURACY_EXAMPLES = Config.train_accuracy_examples  # the default prefix that measures train accuracy
 _STEP_STREAM = 0x7FFFFFFF  # fold_in(data_key, epoch) orders the data; this stream feeds per-step keys
 
 
@@ -213,7 +213,13 @@ class Plan:
         """The effective learning rate at `step` of model `lane` (the mean over models if None)."""
         rates = np.array([m["learning_rate"] for m in self.model_lanes()], np.float64)
         base = float(rates.mean() if lane is None else rates[lane])
-        return base * float(lr_multiplier(self.config, self.total_steps, self.steps_per_epoch)(step))
+        return base * float(self._lr_multiplier(step))
+
+    @functools.cached_property
+    def _lr_multiplier(self):
+        # Compiled once: run eagerly, an optax schedule compiles each of its operations on its
+        # first call (1.5 s for one_cycle, more than the speedrun's final evaluation of a split).
+        return jax.jit(lr_multiplier(self.config, self.total_steps, self.steps_per_epoch))
 
     def make_chunk(self):
         return make_train_chunk(self)
@@ -516,7 +522,12 @@ def compile_chunk(plan: Plan, state, images, labels, perm):
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-EVAL_MEMORY_BUDGET = 64 * 2**20  # bytes of evaluation temporaries per compiled evaluation
+# Bytes of evaluation temporaries per compiled evaluation. On CPU, batches small enough to stay
+# in the caches are fastest: 10,000 images of the speedrun net took 1.12 s in batches of 24 (8
+# MiB) against 1.92 s in batches of 199 (64 MiB), conv_best's 1.94 against 2.42 s, a dense net's
+# the same (docs/training.md). Elsewhere (GPU, TPU; not measured) 64 MiB, for fuller devices.
+EVAL_MEMORY_BUDGET = 64 * 2**20
+CPU_EVAL_MEMORY_BUDGET = 8 * 2**20
 MAX_EVAL_BATCH = 10000  # more per batch gains nothing measurable, even for small dense nets
 
 
@@ -543,10 +554,17 @@ def eval_bytes_per_example(spec: model.ModelSpec, dtype) -> int:
     return 2 * max(per_layer + [nbytes(x)])
 
 
-def eval_batch_size(spec: model.ModelSpec, dtype, models: int = 1, budget: int = EVAL_MEMORY_BUDGET) -> int:
+def eval_memory_budget(platform: str | None = None) -> int:
+    """The evaluation temporaries' budget in bytes on `platform` (default: JAX's default backend)."""
+    return CPU_EVAL_MEMORY_BUDGET if (platform or jax.default_backend()) == "cpu" else EVAL_MEMORY_BUDGET
+
+
+def eval_batch_size(spec: model.ModelSpec, dtype, models: int = 1, budget: int | None = None) -> int:
     """Examples per evaluated batch so that K = `models` vmapped models keep their temporaries
-    within `budget` bytes: 224 for the conv_15min net (65 MB measured, against 2.56 GB in batches
-    of 10,000), 3495 for 784-800-800-10 (29 MB); at most MAX_EVAL_BATCH, at least 1."""
+    within `budget` bytes (default: `eval_memory_budget()`). With 64 MiB: 224 for the conv_15min
+    net (65 MB measured, against 2.56 GB in batches of 10,000), 3495 for 784-800-800-10 (29 MB);
+    with the CPU's 8 MiB, 28 and 436. At most MAX_EVAL_BATCH, at least 1."""
+    budget = eval_memory_budget() if budget is None else budget
     return int(max(1, min(MAX_EVAL_BATCH, budget // (models * eval_bytes_per_example(spec, dtype)))))
 
 
@@ -565,7 +583,7 @@ def make_evaluate(spec: model.ModelSpec, dtype, eval_batch: int | None = None):
     eval_batch = eval_batch or eval_batch_size(spec, dtype)
 
     def chunk_outputs(params, model_state, images, labels):
-        z = model.logits(params, model.inputs(images, spec, dtype), spec, state=model_state)
+        z = model.predict_logits(params, model.inputs(images, spec, dtype), spec, model_state)
         y = losses.one_hot(labels, spec.num_classes, z.dtype)
         per_example_cost = jax.vmap(lambda zi, yi: losses.cost_from_logits(zi[None], yi[None], spec))(z, y)
         return per_example_cost, jnp.argmax(z, axis=-1).astype(jnp.int32), output_probabilities(z, spec)
@@ -667,10 +685,12 @@ def split_metrics(found: dict) -> dict:
     return {k: v for k, v in found.items() if k.endswith(("_loss", "_accuracy"))}
 
 
-def device_splits(dataset: data.Dataset, layout: parallel.Layout = parallel.SINGLE) -> dict:
+def device_splits(dataset: data.Dataset, layout: parallel.Layout = parallel.SINGLE,
+                  train_accuracy_examples: int = TRAIN_ACCURACY_EXAMPLES) -> dict:
     """The splits as (uint8 images, int32 labels) on the device (on every device of a mesh),
-    plus the train-accuracy prefix."""
-    n = TRAIN_ACCURACY_EXAMPLES
+    plus "train_subset", the first `train_accuracy_examples` training images (0: none, and no
+    train accuracy is evaluated)."""
+    n = train_accuracy_examples
     splits = {
         "train": (dataset.train.images, dataset.train.labels),
         "train_subset": (dataset.train.images[:n], dataset.train.labels[:n]),
@@ -821,7 +841,7 @@ def metrics_record(plan: Plan, state, step: int, loss: float, results: dict, exa
     """One line of metrics.jsonl (K models: means over the models that did not diverge)."""
     return {
         "step": step, "epoch": step / plan.steps_per_epoch, "loss": loss,
-        "train_accuracy": mean_over_models(results["train_accuracy"]),
+        "train_accuracy": mean_over_models(results.get("train_accuracy", math.nan)),
         "validation_accuracy": mean_over_models(results.get("validation_accuracy", math.nan)),
         "validation_loss": mean_over_models(results.get("validation_loss", math.nan)),
         "learning_rate": plan.learning_rate(step),

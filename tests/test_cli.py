@@ -35,10 +35,10 @@ def test_train_writes_every_output(trained):
     assert 0.7 < summary["final"]["test_accuracy"] <= 1.0
     assert set(summary["timings"]) >= {"compile_s", "train_s", "eval_s", "total_s", "examples_per_s"}
     timings = summary["timings"]  # where the wall time went, each part timed on its own
-    assert timings["data_s"] > 0 and timings["gradcheck_s"] > 0
+    assert timings["data_s"] > 0 and timings["gradcheck_s"] > 0 and timings["plot_s"] > 0
     assert sum(timings[k] for k in ("compile_s", "eval_compile_s", "train_s", "eval_s", "data_s",
-                                    "gradcheck_s")) <= timings["total_s"]
-    assert f"gradient check at init {timings['gradcheck_s']:.2f} s" in result.stdout
+                                    "gradcheck_s", "plot_s")) <= timings["total_s"]
+    assert f"gradient check at init {timings['gradcheck_s']:.2f} s, plots {timings['plot_s']:.2f} s" in result.stdout
     assert summary["grad_audit"]["count"] == 8 and summary["grad_audit"]["max_relative_error"] < 1e-5
     config = json.loads((workdir / "config.json").read_text())
     assert config["backend"] == "cpu" and "jax" in config["versions"] and config["devices"]

@@ -188,6 +188,25 @@ def test_maxpool_ties_in_a_relu_stack_match_exactly():
     assert _relative_error(manual[2]["b"], auto[2]["b"]) <= 1e-12
 
 
+@pytest.mark.parametrize("text, shape", [
+    ("conv3x3:3,maxpool2,conv2x2:4,maxpool3,dense:5", (17, 15, 1)),  # remainders dropped; ReLU ties of zeros
+    ("conv3x3:4:same,batchnorm,relu,res(conv3x3:4:same,batchnorm,relu,conv3x3:6:same),maxpool2,dropout:0.5,dense:3",
+     (8, 8, 2)),  # running statistics, a projected shortcut, dropout
+    ("conv2x2:2,avgpool3,gap,dense:4", (7, 8, 1)),
+])
+def test_predict_gives_exactly_the_evaluation_forward(text, shape):
+    """Evaluation runs each layer's `predict` (max-pool without its routing mask): the same
+    logits, bit for bit, as the evaluation-mode forward that saliency differentiates."""
+    spec, params, (x, _) = _problem(text, shape, batch=6, activation="relu")
+    rng = np.random.default_rng(1)
+    state = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype), model.init_state(spec))
+    state = state if spec.stateful else None
+    forward, predict = jax.jit(lambda p, x: (model.logits(p, x, spec, state=model.eval_state(spec, state)),
+                                            model.predict_logits(p, x, spec, state)))(params, x)
+    assert np.ptp(np.asarray(forward)) > 0
+    np.testing.assert_array_equal(predict, forward)
+
+
 def test_avgpool_remainder_gets_no_gradient():
     pool = layers.AvgPool(3)
     x = jnp.ones((1, 7, 8, 1))

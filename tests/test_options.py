@@ -35,17 +35,23 @@ def tiny(mnist_splits):
 
 def test_evaluation_batches_keep_the_conv_nets_temporaries_within_the_budget():
     spec = model.spec_from_text(CONV_15MIN, (28, 28), init="he")
-    batch = train.eval_batch_size(spec, jnp.float32)
+    assert train.eval_memory_budget("cpu") == train.CPU_EVAL_MEMORY_BUDGET < train.eval_memory_budget("gpu")
+    assert train.eval_batch_size(spec, jnp.float32) == train.eval_batch_size(spec, jnp.float32,
+                                                                             budget=train.eval_memory_budget())
+    batch = train.eval_batch_size(spec, jnp.float32, budget=train.EVAL_MEMORY_BUDGET)
     assert 100 <= batch <= 400  # was 10,000: 2.56 GB of im2col patches
     per_example = train.eval_bytes_per_example(spec, jnp.float32)
-    assert train.eval_batch_size(spec, jnp.float32, models=4) == train.EVAL_MEMORY_BUDGET // (4 * per_example)
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec))
-    images, labels = jax.ShapeDtypeStruct((2000, 28, 28), jnp.uint8), jax.ShapeDtypeStruct((2000,), jnp.int32)
-    lowered = jax.jit(train.make_evaluate(spec, jnp.float32)).lower(params, images, labels, model.init_state(spec))
-    compiled = lowered.compile()
-    assert compiled.memory_analysis().temp_size_in_bytes <= train.EVAL_MEMORY_BUDGET
+    for budget in (train.EVAL_MEMORY_BUDGET, train.CPU_EVAL_MEMORY_BUDGET):
+        assert train.eval_batch_size(spec, jnp.float32, models=4, budget=budget) == budget // (4 * per_example)
+        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec))
+        images, labels = jax.ShapeDtypeStruct((2000, 28, 28), jnp.uint8), jax.ShapeDtypeStruct((2000,), jnp.int32)
+        evaluate = train.make_evaluate(spec, jnp.float32, train.eval_batch_size(spec, jnp.float32, budget=budget))
+        compiled = jax.jit(evaluate).lower(params, images, labels, model.init_state(spec)).compile()
+        # (plus the padded copy of the split's uint8 images, which no batch size changes)
+        assert compiled.memory_analysis().temp_size_in_bytes <= budget + 2000 * 28 * 28
     dense = model.MLPSpec((784, 800, 800, 10))
-    assert 1000 <= train.eval_batch_size(dense, jnp.float32) <= train.MAX_EVAL_BATCH
+    assert 1000 <= train.eval_batch_size(dense, jnp.float32, budget=train.EVAL_MEMORY_BUDGET) <= train.MAX_EVAL_BATCH
+    assert 400 <= train.eval_batch_size(dense, jnp.float32, budget=train.CPU_EVAL_MEMORY_BUDGET)
 
 
 def test_the_evaluation_batch_changes_no_prediction(tiny):

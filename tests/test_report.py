@@ -190,6 +190,16 @@ def test_plot_misclassified(tmp_path):
     assert_png(path)
 
 
+def test_misclassified_mosaic_places_each_digit_under_its_title_band():
+    images = np.arange(1, 6, dtype=np.uint8)[:, None, None] * np.ones((5, 3, 2), np.uint8)  # digit k is all k+1
+    mosaic = report.misclassified_mosaic(images, np.array([4, 0, 2]), cols=2, title_px=2)
+    assert mosaic.shape == (2 * (2 + 3 + 2), 2 * (2 + 2))  # 2 rows of cells: title band, digit, 1 px around
+    np.testing.assert_array_equal(mosaic[3:6, 1:3], 5)  # first cell: images[4]
+    np.testing.assert_array_equal(mosaic[3:6, 5:7], 1)  # second: images[0]
+    np.testing.assert_array_equal(mosaic[10:13, 1:3], 3)  # second row: images[2]
+    assert mosaic.sum() == 6 * (5 + 1 + 3)  # and nothing else: blank elsewhere, the spare cell too
+
+
 def test_plot_misclassified_when_all_correct(tmp_path):
     images = np.zeros((4, 28, 28), np.uint8)
     labels = np.arange(4)

@@ -62,6 +62,22 @@ def test_training_decreases_loss_and_beats_chance(small, grad):
     assert result.steps_done == 120 and result.timings(train.Plan.create(Config(**SMALL), small))["examples_per_s"] > 0
 
 
+def test_train_accuracy_is_measured_on_the_prefix_it_is_given(small):
+    """--train_accuracy_examples: the train accuracy of the first N images, or none at all."""
+    plan = train.Plan.create(dataclasses.replace(Config(**SMALL), epochs=1), small)
+    records = {}
+    for n in (0, 300):
+        recorder = Recorder()
+        result = train.fit(plan, plan.init_state(), train.device_splits(small, train_accuracy_examples=n), [recorder])
+        records[n] = recorder.records[-1]
+    assert np.isnan(records[0]["train_accuracy"])
+    assert 0.5 < records[0]["validation_accuracy"] == records[300]["validation_accuracy"]
+    logits = model.logits(result.state.params, model.inputs(jnp.asarray(small.train.images), plan.spec), plan.spec)
+    correct = np.argmax(logits, -1) == small.train.labels
+    assert records[300]["train_accuracy"] == pytest.approx(np.mean(correct[:300]))
+    assert np.mean(correct[:300]) != np.mean(correct)  # (so the prefix is what was measured)
+
+
 def _reference_sgd(config, dataset, reshuffle: bool):
     """Plain SGD written out step by step, with a fresh permutation per epoch (or epoch 0's forever)."""
     plan = train.Plan.create(config, dataset)

@@ -11,7 +11,8 @@ the class. Its methods, each with a default here:
     backward(params, cache, dy, need_dx)    -> (grads like params, dx or None)
 
 and, for kinds with model state (batch-norm statistics), `init_state`, `next_state`,
-`infer_forward` and `backward_infer`. A kind whose training forward is random sets
+`infer_forward` and `backward_infer`; `predict(params, state, x)`, evaluation's output alone,
+for a kind whose output costs less without its cache (max-pool). A kind whose training forward is random sets
 `uses_key = True` and draws from `key`. A kind with arguments declares them as dataclass
 fields; the token `name:a:b` fills them
 in order, converted by their annotated types (`leaky_relu:0.2` for a field `alpha: float`).
@@ -138,6 +139,12 @@ class Layer:
     def infer_forward(self, params, state: dict, x):
         """Evaluation mode (no dropout, running statistics) -> (y, cache for backward_infer)."""
         return self.forward(params, x)
+
+    def predict(self, params, state: dict, x):
+        """Evaluation mode's output alone, `infer_forward`'s y, for evaluation and prediction,
+        which differentiate nothing. A kind overrides it where y costs less without the cache
+        (max-pool: no routing mask); its values must equal infer_forward's exactly."""
+        return self.infer_forward(params, state, x)[0]
 
     def backward_infer(self, params, state: dict, cache, dy, need_dx: bool = True):
         """The backward pass of `infer_forward` (input gradients of a trained model: saliency)."""

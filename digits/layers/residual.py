@@ -114,6 +114,11 @@ class Residual(base.Layer):
         shortcut, proj_cache = self._shortcut(params, x)
         return y + shortcut, (body_caches, proj_cache)
 
+    def predict(self, params, state, x):
+        proj = self.projection(x.shape[1:])
+        shortcut = x if proj is None else proj.predict(params["proj"], {}, x)
+        return stack.predict(self.body, self.activation, params["body"], x, state["body"]) + shortcut
+
     def backward(self, params, cache, dy, need_dx: bool = True, state=None):
         """dy -> (grads, dx). The sum sends dy unchanged down both paths; at the input the two
         gradients meet again and add up (the fan-in): dx = dx_body + dx_shortcut."""

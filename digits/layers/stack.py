@@ -80,6 +80,17 @@ def forward(layers, activation, params, x, key=None, state=None):
     return a, caches
 
 
+def predict(layers, activation, params, x, state):
+    """`forward` in evaluation mode, the output alone: x (B, *in_shape) -> y, each layer's
+    `predict` (no caches are made, so nothing here is meant to be differentiated)."""
+    a = x
+    for index, (layer, flag) in enumerate(zip(layers, implicit_flags(layers, activation), strict=True)):
+        a = layer.predict(params[index], state[index], a)
+        if flag:
+            a = activation.predict({}, {}, a)
+    return a
+
+
 def backward(layers, activation, params, caches, dy, need_dx: bool, state=None):
     """The reverse walk: dy = dC/dy of the stack's output -> (grads like params, dx or None).
 

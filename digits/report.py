@@ -314,7 +314,6 @@ def plot_misclassified(images, labels, predictions, path, max_images: int = 36) 
         _message_figure("no misclassified examples", path)
         return
     cols = math.ceil(math.sqrt(wrong.size))
-    rows = math.ceil(wrong.size / cols)
     h, w = images.shape[1:]
     title_px = max(1, round(0.3 * h))  # the cell's top band, for its title
     mosaic = misclassified_mosaic(images, wrong, cols, title_px)

@@ -1132,7 +1132,7 @@ def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_
         else:
             shutil.rmtree(runs_dir / name, ignore_errors=True)  # a fresh run, never a resume
         try:
-            summary = (train_one_at_a_time(config, runs_dir / name) if one_at_a_time and seeds > 1
+            summary = (train_one_at_a_time(config, runs_dir / name) if one_at_a_time
                        else run_train(config, runs_dir / name))
         except Interrupted as e:  # (a training command's advice, completed for a results command)
             if resume:

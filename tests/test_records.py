@@ -132,6 +132,13 @@ def test_results_apply_every_flag_and_only_docs_publishes(cache_dir, tmp_path):
     assert (tmp_path / "runs" / "tiny" / "seed_0" / "summary.json").read_bytes() == seed_0
     assert resumed["test_accuracy"]["values"] == one["test_accuracy"]["values"]
     assert resumed["ensemble_test_accuracy"] == one["ensemble_test_accuracy"]
+    # One seed one at a time is that seed's run in seed_0 too: its finished run is reported.
+    single = [a if a != "--results_seeds=2" else "--results_seeds=1" for a in common]
+    run_cli(*single, "--results_one_at_a_time", "--results_resume", f"--results_dir={tmp_path / 'single'}",
+            cache_dir=cache_dir)
+    alone = json.loads((tmp_path / "single" / "results.json").read_text())["experiments"]["tiny"]
+    assert alone["seeds"] == 1 and alone["test_accuracy"]["values"] == one["test_accuracy"]["values"][:1]
+    assert (tmp_path / "runs" / "tiny" / "seed_0" / "summary.json").read_bytes() == seed_0
     # A kept run of another config is refused, with advice for a results command.
     other = run_cli(*common, "--results_one_at_a_time", "--results_resume", "--learning_rate=0.2",
                     f"--results_dir={tmp_path / 'other'}", cache_dir=cache_dir, check=False)

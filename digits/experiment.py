@@ -649,8 +649,10 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
         best_params, best_model_state = train.reported_model(best.state)
         best_found = result.evaluator.splits(best_params, device, ("validation", "test"), best_model_state)
     plotting = time.perf_counter()
+    first_predictions = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
+    cm = report.confusion_matrix(dataset.test.labels, first_predictions, plan.spec.num_classes)
     if parallel.is_primary():
-        _plot_run(plan, dataset, workdir, final)
+        _plot_run(dataset, workdir, first_predictions, cm)
     plot_s = time.perf_counter() - plotting
     timings = result.timings(plan)
     part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
@@ -661,7 +663,7 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
         part["target"] = {"accuracy": config.target_accuracy, **result.target}
     if plan.config.grad == "both":
         part["grad_audit"] = result.audit
-    summary = _final_summary(plan, dataset, workdir, result, final, gradient_check, record["parts"] + [part])
+    summary = _final_summary(plan, dataset, workdir, result, final, gradient_check, record["parts"] + [part], cm)
     if best_found is not None:
         summary["best_validation"] = _best_summary(plan, dataset, best, best_found)
     if parallel.is_primary():
@@ -682,24 +684,18 @@ def _evaluate_final(plan: train.Plan, dataset: data.Dataset, workdir: pathlib.Pa
     return evaluator.splits(params, train.device_splits(dataset, plan.layout), ("validation", "test"), model_state)
 
 
-def _first_test_confusion(plan: train.Plan, dataset: data.Dataset, final: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(test predictions (N,), confusion matrix (C, C)) of the run's first model."""
-    first = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
-    return first, report.confusion_matrix(dataset.test.labels, first, plan.spec.num_classes)
-
-
-def _plot_run(plan: train.Plan, dataset: data.Dataset, workdir: pathlib.Path, final: dict) -> None:
-    """The run's figures: the first model's test confusion matrix and misclassified digits, and
-    the learning curves of metrics.jsonl."""
-    first, cm = _first_test_confusion(plan, dataset, final)
+def _plot_run(dataset: data.Dataset, workdir: pathlib.Path, first_predictions, cm) -> None:
+    """The run's figures: the first model's test confusion matrix `cm` (C, C) and misclassified
+    digits (its test predictions (N,)), and the learning curves of metrics.jsonl."""
     report.plot_confusion_matrix(cm, workdir / "confusion_matrix.png")
-    report.plot_misclassified(dataset.test.images, dataset.test.labels, first, workdir / "misclassified.png")
+    report.plot_misclassified(dataset.test.images, dataset.test.labels, first_predictions,
+                              workdir / "misclassified.png")
     report.plot_learning_curves(report.read_metrics(workdir / METRICS_FILE), workdir / "learning_curves.png")
 
 
 def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: train.FitResult, final: dict,
-                   gradient_check: dict, parts: list[dict]) -> dict:
-    _, cm = _first_test_confusion(plan, dataset, final)
+                   gradient_check: dict, parts: list[dict], cm: np.ndarray) -> dict:
+    """cm: the first model's test confusion matrix."""
     metrics = train.split_metrics(final)
     if plan.vmapped:
         metrics = {k: np.where(result.diverged, np.nan, v) for k, v in metrics.items()}
@@ -790,8 +786,8 @@ def wall_time_line(timings: dict) -> str:
     data_s, gradcheck_s, plot_s = timings.get("data_s"), timings.get("gradcheck_s"), timings.get("plot_s")
     other = max(total_s - compile_s - train_s - eval_s - (data_s or 0) - (gradcheck_s or 0) - (plot_s or 0), 0.0)
     peak = timings.get("peak_rss_bytes")
-    if data_s is None:  # a run recorded before these were timed
-        parts = f"other {other:.2f} s (data, gradient check at init, checkpoints, plots)"
+    if data_s is None:  # a run recorded before these were timed (its total_s stopped before the plots)
+        parts = f"other {other:.2f} s (data, gradient check at init, checkpoints)"
     elif plot_s is None:  # recorded before plots were timed (and before total_s included them)
         parts = (f"data {data_s:.2f} s, gradient check at init {gradcheck_s:.2f} s, other {other:.2f} s "
                  "(initialisation, checkpoints)")

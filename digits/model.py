@@ -219,10 +219,11 @@ def predict_logits(params, x: jax.Array, spec: ModelSpec, state=None) -> jax.Arr
 
 
 def eval_state(spec: ModelSpec, state):
-    """The state evaluation uses: the given one, or for a model without state an empty one."""
+    """The state evaluation uses: the given one, or for a model without state its empty one
+    (`init_state`: no arrays, but the structure that residual blocks walk)."""
     if state is None:
         _check(not spec.stateful, "this model keeps state (batch-norm statistics): pass it to evaluate the model")
-        return [{} for _ in spec.layers]
+        return init_state(spec)
     return state
 
 

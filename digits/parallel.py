@@ -39,6 +39,11 @@ class Layout:
     def num_devices(self) -> int:
         return self.model_size * self.data_size
 
+    @property
+    def platform(self) -> str:
+        """The devices' platform ("cpu", "gpu", "tpu"): the mesh's, or JAX's default backend."""
+        return jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
+
     def describe(self) -> str:
         if self.mesh is None:
             return "1 device"

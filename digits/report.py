@@ -323,7 +323,7 @@ def plot_misclassified(images, labels, predictions, path, max_images: int = 36) 
     ax.set_axis_off()
     for k, i in enumerate(wrong):
         x, y = (k % cols) * (w + 2) + (w + 2) / 2, (k // cols) * (title_px + h + 2) + title_px / 2
-        ax.text(x - 0.5, y, f"true {labels[i]} / pred {predictions[i]}", fontsize=8, ha="center", va="center")
+        ax.text(x - 0.5, y - 0.5, f"true {labels[i]} / pred {predictions[i]}", fontsize=8, ha="center", va="center")
     _save(fig, path)
 
 

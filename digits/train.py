@@ -524,8 +524,8 @@ def compile_chunk(plan: Plan, state, images, labels, perm):
 
 # Bytes of evaluation temporaries per compiled evaluation. On CPU, batches small enough to stay
 # in the caches are fastest: 10,000 images of the speedrun net took 1.12 s in batches of 24 (8
-# MiB) against 1.92 s in batches of 199 (64 MiB), conv_best's 1.94 against 2.42 s, a dense net's
-# the same (docs/training.md). Elsewhere (GPU, TPU; not measured) 64 MiB, for fuller devices.
+# MiB) against 1.92 s in batches of 199 (64 MiB), conv_best's 2.12 against 2.42 s, a dense net's
+# the same (docs/training.md, busy machine). Elsewhere (GPU, TPU; not measured) 64 MiB, for fuller devices.
 EVAL_MEMORY_BUDGET = 64 * 2**20
 CPU_EVAL_MEMORY_BUDGET = 8 * 2**20
 MAX_EVAL_BATCH = 10000  # more per batch gains nothing measurable, even for small dense nets
@@ -639,7 +639,8 @@ class Evaluator:
         self.eval_s = 0.0
 
     def _jitted(self, models: int):
-        fn = make_evaluate(self.spec, self.dtype, eval_batch_size(self.spec, self.dtype, models))
+        budget = eval_memory_budget(self.layout.platform)
+        fn = make_evaluate(self.spec, self.dtype, eval_batch_size(self.spec, self.dtype, models, budget))
         fn = jax.vmap(fn, in_axes=(0, None, None, 0)) if self.vmapped else fn
         # On a mesh the results come back replicated, so every process can read them.
         return jax.jit(fn) if self.layout.mesh is None else jax.jit(fn, out_shardings=self.layout.sharding(P()))

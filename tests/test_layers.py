@@ -193,18 +193,29 @@ def test_maxpool_ties_in_a_relu_stack_match_exactly():
     ("conv3x3:4:same,batchnorm,relu,res(conv3x3:4:same,batchnorm,relu,conv3x3:6:same),maxpool2,dropout:0.5,dense:3",
      (8, 8, 2)),  # running statistics, a projected shortcut, dropout
     ("conv2x2:2,avgpool3,gap,dense:4", (7, 8, 1)),
+    ("conv3x3:3:same,res(conv3x3:3:same,conv3x3:3:same),maxpool2,dense:4", (6, 6, 1)),  # a block, no state
 ])
 def test_predict_gives_exactly_the_evaluation_forward(text, shape):
     """Evaluation runs each layer's `predict` (max-pool without its routing mask): the same
-    logits, bit for bit, as the evaluation-mode forward that saliency differentiates."""
+    logits, bit for bit, as the evaluation-mode forward that saliency differentiates, each
+    compiled on its own as evaluation compiles it."""
     spec, params, (x, _) = _problem(text, shape, batch=6, activation="relu")
     rng = np.random.default_rng(1)
     state = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype), model.init_state(spec))
-    state = state if spec.stateful else None
-    forward, predict = jax.jit(lambda p, x: (model.logits(p, x, spec, state=model.eval_state(spec, state)),
-                                            model.predict_logits(p, x, spec, state)))(params, x)
+    state = state if spec.stateful else None  # (a model without state is evaluated with None)
+    forward = jax.jit(lambda p, x: model.logits(p, x, spec, state=model.eval_state(spec, state)))(params, x)
+    predict = jax.jit(lambda p, x: model.predict_logits(p, x, spec, state))(params, x)
     assert np.ptp(np.asarray(forward)) > 0
     np.testing.assert_array_equal(predict, forward)
+
+
+def test_a_nan_is_the_maximum_of_its_window_in_training_and_evaluation():
+    """A diverging net shows NaN after a max-pool in both passes (not a 0 from the window)."""
+    pool = layers.MaxPool(2)
+    x = jnp.asarray(np.array([1.0, np.nan, 3.0, 2.0, 5.0, 4.0, 0.0, -1.0]).reshape(1, 2, 4, 1))
+    y, _ = jax.jit(pool.forward)({}, x)
+    np.testing.assert_array_equal(y.reshape(-1), [np.nan, 3.0])  # windows {1, nan, 5, 4} and {3, 2, 0, -1}
+    np.testing.assert_array_equal(jax.jit(pool.predict)({}, {}, x), y)
 
 
 def test_avgpool_remainder_gets_no_gradient():

@@ -59,9 +59,11 @@ class Pool(base.Layer):
         if self.kind == "avg":
             return jnp.sum(windows, axis=(2, 4)) / (p * p), (x.shape, None)
         # The first maximum in row-major window order; the comparisons carry no gradient, so
-        # jax.grad routes dy through the sum to that one element, as backward does.
+        # jax.grad routes dy through the sum to that one element, as backward does. A NaN is the
+        # window's maximum (as jnp.max and `predict` have it), so a diverging net shows NaN here
+        # too rather than a 0 from a window where nothing compares equal.
         order = (jnp.arange(p)[:, None, None] * p + jnp.arange(p)[None, None, :])[:, :, :, None]
-        is_max = windows == jnp.max(windows, axis=(2, 4), keepdims=True)
+        is_max = (windows == jnp.max(windows, axis=(2, 4), keepdims=True)) | jnp.isnan(windows)
         first = jnp.min(jnp.where(is_max, order, p * p), axis=(2, 4), keepdims=True)
         routed = order == first  # (B, H', P, W', P, C)
         return jnp.sum(jnp.where(routed, windows, 0), axis=(2, 4)), (x.shape, routed)
@@ -69,7 +71,8 @@ class Pool(base.Layer):
     def predict(self, params, state, x):
         """The forward's y without its routing mask: each window's maximum, which is exactly
         the routed element (for avg-pool, the forward). 1.4-1.7x faster evaluation for the
-        speedrun net; differentiated, reduce_window would route ties its own way, not first."""
+        speedrun net; differentiated, reduce_window would route ties its own way, not first. A
+        window with a NaN gives NaN, as the forward does."""
         if self.kind == "avg":
             return self.forward(params, x)[0]
         window = (1, self.size, self.size, 1)  # VALID with stride P: the remainder dropped, as in _windows

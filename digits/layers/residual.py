@@ -99,9 +99,13 @@ class Residual(base.Layer):
         body_caches, _ = cache
         return {"body": stack.next_state(self.body, state["body"], body_caches)}
 
-    def _shortcut(self, params, x):
+    def _shortcut(self, params, x, predict: bool = False):
+        """(x or its projection, the projection's cache); with `predict`, the projection's
+        `predict` output and no cache."""
         proj = self.projection(x.shape[1:])
-        return (x, None) if proj is None else proj.forward(params["proj"], x)
+        if proj is None:
+            return x, None
+        return (proj.predict(params["proj"], {}, x), None) if predict else proj.forward(params["proj"], x)
 
     def forward(self, params, x, key=None):
         """x -> (body(x) + shortcut(x), cache = (the body's caches, the projection's))."""
@@ -115,8 +119,7 @@ class Residual(base.Layer):
         return y + shortcut, (body_caches, proj_cache)
 
     def predict(self, params, state, x):
-        proj = self.projection(x.shape[1:])
-        shortcut = x if proj is None else proj.predict(params["proj"], {}, x)
+        shortcut, _ = self._shortcut(params, x, predict=True)
         return stack.predict(self.body, self.activation, params["body"], x, state["body"]) + shortcut
 
     def backward(self, params, cache, dy, need_dx: bool = True, state=None):

@@ -86,8 +86,8 @@ def predict(layers, activation, params, x, state):
     a = x
     for index, (layer, flag) in enumerate(zip(layers, implicit_flags(layers, activation), strict=True)):
         a = layer.predict(params[index], state[index], a)
-        if flag:
-            a = activation.predict({}, {}, a)
+        if flag:  # (as `forward` applies it)
+            a = activation.forward({}, a)[0]
     return a
 
 

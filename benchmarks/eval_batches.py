@@ -4,6 +4,7 @@ so that a busy machine slows them alike.
 
     python benchmarks/eval_batches.py              # the four nets of the table
     python benchmarks/eval_batches.py "conv3x3:8,maxpool2,dense:10"
+    python benchmarks/eval_batches.py --models=3   # 3 models vmapped, as --num_seeds=3 evaluates them
 """
 
 from __future__ import annotations
@@ -26,30 +27,40 @@ NETS = (
 BUDGETS_MIB = (4, 8, 16, 64)
 
 
-def seconds_by_budget(layers: str, repeats: int = 3) -> dict[int, tuple[int, float]]:
-    """{budget in MiB: (batch size, best seconds to evaluate the 10,000 validation images)}."""
+def seconds_by_budget(layers: str, models: int = 1, repeats: int = 3) -> dict[int, tuple[int, float]]:
+    """{budget in MiB: (batch size, best seconds to evaluate the 10,000 validation images)}, for
+    `models` models vmapped (copies of one: the time does not depend on the values)."""
     config = Config(layers=layers, init="he", optimizer="sgd", batch_size=128, epochs=1)
     dataset = experiment.load_dataset(config)
     plan = experiment.make_plan(config, dataset)
     state = plan.init_state()
     images, labels = jnp.asarray(dataset.validation.images), jnp.asarray(dataset.validation.labels)
-    model_state = model.eval_state(plan.spec, state.model_state if plan.spec.stateful else None)
-    batches = {mib: train.eval_batch_size(plan.spec, plan.dtype, budget=mib * 2**20) for mib in BUDGETS_MIB}
-    compiled = {b: jax.jit(train.make_evaluate(plan.spec, plan.dtype, b)) for b in set(batches.values())}
+    params, model_state = state.params, model.eval_state(plan.spec, state.model_state if plan.spec.stateful else None)
+    batches = {mib: train.eval_batch_size(plan.spec, plan.dtype, models, mib * 2**20) for mib in BUDGETS_MIB}
+
+    def evaluate(batch: int):
+        fn = train.make_evaluate(plan.spec, plan.dtype, batch)
+        return jax.jit(fn if models == 1 else jax.vmap(fn, in_axes=(0, None, None, 0)))
+
+    if models > 1:
+        params, model_state = jax.tree.map(lambda a: jnp.stack([a] * models), (params, model_state))
+    compiled = {b: evaluate(b) for b in set(batches.values())}
     for fn in compiled.values():  # compile, and warm up
-        jax.block_until_ready(fn(state.params, images, labels, model_state))
+        jax.block_until_ready(fn(params, images, labels, model_state))
     best = {b: float("inf") for b in compiled}
     for _ in range(repeats):
         for b, fn in compiled.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(state.params, images, labels, model_state))
+            jax.block_until_ready(fn(params, images, labels, model_state))
             best[b] = min(best[b], time.perf_counter() - start)
     return {mib: (b, best[b]) for mib, b in batches.items()}
 
 
 def main(argv: list[str]) -> None:
-    for layers in argv or NETS:
-        found = seconds_by_budget(layers)
+    models = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--models=")]
+    nets = [a for a in argv if not a.startswith("--models=")]
+    for layers in nets or NETS:
+        found = seconds_by_budget(layers, models[-1] if models else 1)
         print(layers + ": " + ", ".join(f"{mib} MiB {s:.2f} s ({b})" for mib, (b, s) in found.items()), flush=True)
 
 

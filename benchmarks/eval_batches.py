@@ -9,6 +9,7 @@ so that a busy machine slows them alike.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -57,10 +58,12 @@ def seconds_by_budget(layers: str, models: int = 1, repeats: int = 3) -> dict[in
 
 
 def main(argv: list[str]) -> None:
-    models = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--models=")]
-    nets = [a for a in argv if not a.startswith("--models=")]
-    for layers in nets or NETS:
-        found = seconds_by_budget(layers, models[-1] if models else 1)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("nets", nargs="*", help="--layers stacks (default: the four of the table)")
+    parser.add_argument("--models", type=int, default=1, help="models vmapped, as --num_seeds evaluates them")
+    args = parser.parse_args(argv)
+    for layers in args.nets or NETS:
+        found = seconds_by_budget(layers, args.models)
         print(layers + ": " + ", ".join(f"{mib} MiB {s:.2f} s ({b})" for mib, (b, s) in found.items()), flush=True)
 
 

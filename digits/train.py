@@ -523,11 +523,12 @@ def compile_chunk(plan: Plan, state, images, labels, perm):
 
 
 # Bytes of evaluation temporaries per compiled evaluation. On CPU, batches small enough to stay
-# in the caches are fastest: 10,000 images of the speedrun net took 1.12 s in batches of 24 (8
-# MiB) against 1.92 s in batches of 199 (64 MiB), conv_best's 2.12 against 2.42 s, a dense net's
-# the same (docs/training.md, busy machine). Elsewhere (GPU, TPU; not measured) 64 MiB, for fuller devices.
+# in the caches are faster: 10,000 images of the speedrun net took 0.79 s in batches of 49 (16
+# MiB) against 1.22 s in batches of 199 (64 MiB); 3 vmapped models of it 2.69 against 3.38 s; a
+# dense net's the same (docs/training.md, quiet AMD EPYC). 4 or 8 MiB were up to 10% faster for
+# one model but up to 40% slower for three. Elsewhere (GPU, TPU; not measured) 64 MiB.
 EVAL_MEMORY_BUDGET = 64 * 2**20
-CPU_EVAL_MEMORY_BUDGET = 8 * 2**20
+CPU_EVAL_MEMORY_BUDGET = 16 * 2**20
 MAX_EVAL_BATCH = 10000  # more per batch gains nothing measurable, even for small dense nets
 
 
@@ -563,7 +564,7 @@ def eval_batch_size(spec: model.ModelSpec, dtype, models: int = 1, budget: int |
     """Examples per evaluated batch so that K = `models` vmapped models keep their temporaries
     within `budget` bytes (default: `eval_memory_budget()`). With 64 MiB: 224 for the conv_15min
     net (65 MB measured, against 2.56 GB in batches of 10,000), 3495 for 784-800-800-10 (29 MB);
-    with the CPU's 8 MiB, 28 and 436. At most MAX_EVAL_BATCH, at least 1."""
+    with the CPU's 16 MiB, 56 and 873. At most MAX_EVAL_BATCH, at least 1."""
     budget = eval_memory_budget() if budget is None else budget
     return int(max(1, min(MAX_EVAL_BATCH, budget // (models * eval_bytes_per_example(spec, dtype)))))
 

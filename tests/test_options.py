@@ -50,7 +50,7 @@ def test_evaluation_batches_keep_the_conv_nets_temporaries_within_the_budget():
         assert compiled.memory_analysis().temp_size_in_bytes <= budget + 2000 * 28 * 28
     dense = model.MLPSpec((784, 800, 800, 10))
     assert 1000 <= train.eval_batch_size(dense, jnp.float32, budget=train.EVAL_MEMORY_BUDGET) <= train.MAX_EVAL_BATCH
-    assert 400 <= train.eval_batch_size(dense, jnp.float32, budget=train.CPU_EVAL_MEMORY_BUDGET)
+    assert 800 <= train.eval_batch_size(dense, jnp.float32, budget=train.CPU_EVAL_MEMORY_BUDGET)
 
 
 def test_the_evaluation_batch_changes_no_prediction(tiny):

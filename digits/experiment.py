@@ -1096,10 +1096,14 @@ def combined_summary(summaries: list[dict], ensemble: dict) -> dict:
                **{k: float(np.mean([t[k] for t in times])) if all(t.get(k) for t in times) else None
                   for k in ("seconds_per_epoch", "seconds_per_step", "examples_per_s")},
                "train_s_per_model": [t["train_s"] for t in times]}
-    return {"mode": "train", "config": first["config"], "environment": first["environment"],
-            "epochs": first["epochs"], "steps": first["steps"], "num_models": len(summaries),
-            "models_trained_at_once": 1, "final": {k: d["mean"] for k, d in across.items()},
-            "across_models": across, "ensemble": ensemble, "timings": timings}
+    combined = {"mode": "train", "config": first["config"], "environment": first["environment"],
+                "epochs": first["epochs"], "steps": first["steps"], "num_models": len(summaries),
+                "models_trained_at_once": 1, "final": {k: d["mean"] for k, d in across.items()},
+                "across_models": across, "ensemble": ensemble, "timings": timings}
+    if all("best_validation" in s for s in summaries):  # (--select=best_validation: each run's own)
+        best = train.summarise([s["best_validation"]["test_accuracy"] for s in summaries])
+        combined["best_validation"] = {"test_accuracy": best["mean"], "across_models": {"test_accuracy": best}}
+    return combined
 
 
 def run_results(entries: list[tuple[pathlib.Path, Config]], seeds: int, results_dir: pathlib.Path,

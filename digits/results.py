@@ -28,24 +28,25 @@ def load(path: pathlib.Path) -> dict:
         return {"experiments": {}}
 
 
-def _distribution(summary: dict, key: str) -> dict:
-    if "across_models" in summary:
-        d = summary["across_models"][key]
+def _over_models(holder: dict, values: dict, key: str) -> dict:
+    """Mean, std, min, max and values over the models: holder["across_models"][key] when the
+    holder has K models, else values[key] as the one model's."""
+    if "across_models" in holder:
+        d = holder["across_models"][key]
         return {k: d[k] for k in ("mean", "std", "min", "max", "values")}
-    value = summary["final"][key]
+    value = values[key]
     return {"mean": value, "std": 0.0, "min": value, "max": value, "values": [value]}
+
+
+def _distribution(summary: dict, key: str) -> dict:
+    return _over_models(summary, summary["final"], key)
 
 
 def _best_distribution(summary: dict) -> dict | None:
     """The test accuracy at each model's best validation accuracy (--select=best_validation, as
     the book reports chapter 6), distributed over the models as `_distribution`; None without."""
     best = summary.get("best_validation")
-    if best is None:
-        return None
-    if "across_models" in best:
-        return {k: best["across_models"]["test_accuracy"][k] for k in ("mean", "std", "min", "max", "values")}
-    value = best["test_accuracy"]
-    return {"mean": value, "std": 0.0, "min": value, "max": value, "values": [value]}
+    return None if best is None else _over_models(best, best, "test_accuracy")
 
 
 def _flags(overrides: dict) -> str:

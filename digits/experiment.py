@@ -648,17 +648,12 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     if best is not None and best.state is not None:
         best_params, best_model_state = train.reported_model(best.state)
         best_found = result.evaluator.splits(best_params, device, ("validation", "test"), best_model_state)
-    plotting = time.perf_counter()
     first_predictions = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
     cm = report.confusion_matrix(dataset.test.labels, first_predictions, plan.spec.num_classes)
-    if parallel.is_primary():
-        _plot_run(dataset, workdir, first_predictions, cm)
-    plot_s = time.perf_counter() - plotting
     timings = result.timings(plan)
     part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
             "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
-            "data_s": data_s, "gradcheck_s": gradcheck_s, "plot_s": plot_s, "total_s": time.perf_counter() - started,
-            "peak_rss_bytes": report.peak_rss_bytes()}
+            "data_s": data_s, "gradcheck_s": gradcheck_s}
     if result.target is not None:
         part["target"] = {"accuracy": config.target_accuracy, **result.target}
     if plan.config.grad == "both":
@@ -666,9 +661,16 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     summary = _final_summary(plan, dataset, workdir, result, final, gradient_check, record["parts"] + [part], cm)
     if best_found is not None:
         summary["best_validation"] = _best_summary(plan, dataset, best, best_found)
+    _print_results(summary)  # before the figures, which take seconds and are files, not the result
+    plotting = time.perf_counter()
+    if parallel.is_primary():
+        _plot_run(dataset, workdir, first_predictions, cm)
+    part.update(plot_s=time.perf_counter() - plotting, total_s=time.perf_counter() - started,
+                peak_rss_bytes=report.peak_rss_bytes())
+    summary["timings"] = _total_timings(summary["parts"], plan)
     if parallel.is_primary():
         report.write_json(workdir / SUMMARY_FILE, summary)
-    _print_final(summary, workdir)
+    _print_timings(summary, workdir)
     return summary
 
 
@@ -729,7 +731,13 @@ def _final_summary(plan: train.Plan, dataset: data.Dataset, workdir, result: tra
 
 
 def _print_final(summary: dict, workdir: pathlib.Path) -> None:
-    final, timings, across = summary["final"], summary["timings"], summary.get("across_models")
+    _print_results(summary)
+    _print_timings(summary, workdir)
+
+
+def _print_results(summary: dict) -> None:
+    """The run's accuracies (final, ensemble, best validation, target, gradient audit)."""
+    final, across = summary["final"], summary.get("across_models")
     print()
     for label, key in (("Validation accuracy", "validation_accuracy"), ("Test accuracy", "test_accuracy")):
         name = f"{label}:".ljust(21)
@@ -768,6 +776,12 @@ def _print_final(summary: dict, workdir: pathlib.Path) -> None:
         print(f"Gradient audit, manual vs jax.grad during training ({a['count']} checks): worst ratio "
               f"{a['max_violation']:.3g} (<= 1 agrees), max relative error {a['max_relative_error']:.3g}: "
               f"{'PASS' if a['passed'] else 'FAIL'}")
+    sys.stdout.flush()
+
+
+def _print_timings(summary: dict, workdir: pathlib.Path) -> None:
+    """Where the run's time went, and where its outputs are."""
+    timings = summary["timings"]
     if timings["steps_timed"]:
         pace = (f"{timings['seconds_per_step'] * 1e3:.1f} ms/step" if summary["config"]["batch_size"] == 0
                 else f"{timings['seconds_per_epoch']:.3f} s/epoch")

@@ -515,8 +515,32 @@ def compile_chunk(plan: Plan, state, images, labels, perm):
         lanes = plan.lanes_spec
         fn = jax.shard_map(fn, mesh=plan.layout.mesh, in_specs=(lanes, P(), P(), plan.perm_spec, P()),
                            out_specs=(lanes, P()))
-    jitted = jax.jit(fn, donate_argnums=0)
-    return jitted.lower(state, images, labels, perm, jnp.int32(1)).compile()
+    lowered = jax.jit(fn, donate_argnums=0).lower(state, images, labels, perm, jnp.int32(1))
+    options = chunk_compiler_options(plan)
+    if options:
+        try:
+            return lowered.compile(compiler_options=options)
+        except jax.errors.JaxRuntimeError as e:  # an XLA without the option: its defaults
+            if not any(name in str(e) for name in options):
+                raise
+    return lowered.compile()
+
+
+YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def chunk_compiler_options(plan: Plan) -> dict:
+    """XLA options for the training chunk (`--cpu_ynn_fusions`). XLA:CPU hands dots and
+    reductions to YNNPACK fusions by default. For the speedrun net's step that ran at 38 ms
+    against 32-33 without them; conv_best's 61 against 57 ms, chapter 6's (batch 10) 3.7 against
+    3.4 ms; a 784-1024-1024-10 net's 19 against 22 ms (medians of calls interleaved in one
+    process, quiet AMD EPYC, JAX 0.10.2; docs/performance.md). An empty fusion type turns them off."""
+    choice = plan.config.cpu_ynn_fusions
+    if plan.layout.platform != "cpu" or choice == "on":
+        return {}
+    if choice == "auto" and not any(layer.needs_image for layer in plan.spec.layers):
+        return {}
+    return {YNN_FUSION_OPTION: ""}
 
 
 # --- evaluation ---------------------------------------------------------------------------------

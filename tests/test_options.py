@@ -254,6 +254,16 @@ def _run(config, workdir, capsys):
     return summary, capsys.readouterr().out
 
 
+def test_the_result_is_printed_before_the_figures_are_drawn(tmp_path, cache_dir, capsys, monkeypatch):
+    drawn = experiment._plot_run
+    monkeypatch.setattr(experiment, "_plot_run", lambda *args: (print("DRAWING THE FIGURES"), drawn(*args)))
+    summary, out = _run(Config(**CLI, cache_dir=str(cache_dir)), tmp_path / "w", capsys)
+    assert out.index("Test accuracy") < out.index("DRAWING THE FIGURES") < out.index("Wall time")
+    timings = summary["timings"]  # the figures still count in the run's wall time, and summary.json has them
+    assert 0 < timings["plot_s"] < timings["total_s"] == summary["parts"][-1]["total_s"]
+    assert json.loads((tmp_path / "w" / "summary.json").read_text())["timings"] == json.loads(json.dumps(timings))
+
+
 def test_best_validation_run_resumes_and_reports_both_models(tmp_path, cache_dir, capsys):
     config = Config(**CLI, cache_dir=str(cache_dir), select="best_validation", num_seeds=2, ema_decay=0.5)
     whole, out = _run(config, tmp_path / "whole", capsys)

@@ -653,7 +653,7 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     timings = result.timings(plan)
     part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
             "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
-            "data_s": data_s, "gradcheck_s": gradcheck_s}
+            "data_s": data_s, "gradcheck_s": gradcheck_s, "total_s": time.perf_counter() - started}
     if result.target is not None:
         part["target"] = {"accuracy": config.target_accuracy, **result.target}
     if plan.config.grad == "both":
@@ -667,7 +667,7 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
         _plot_run(dataset, workdir, first_predictions, cm)
     part.update(plot_s=time.perf_counter() - plotting, total_s=time.perf_counter() - started,
                 peak_rss_bytes=report.peak_rss_bytes())
-    summary["timings"] = _total_timings(summary["parts"], plan)
+    summary["timings"] = _total_timings(summary["parts"], plan)  # (a reached target keeps the time to the result)
     if parallel.is_primary():
         report.write_json(workdir / SUMMARY_FILE, summary)
     _print_timings(summary, workdir)

@@ -190,8 +190,8 @@ def test_chunks_of_any_length_share_one_compilation(small):
 
 
 @pytest.mark.parametrize("layers, choice, off", [
-    ("conv3x3:4,maxpool2,dense:10", "auto", True), ("", "auto", False), ("conv3x3:4,maxpool2,dense:10", "on", False),
-    ("", "off", True)])
+    ("conv3x3:4,maxpool2,dense:10", "auto", True), ("", "auto", False), ("conv3x3:4,batchnorm,dense:10", "auto", False),
+    ("conv3x3:4,maxpool2,dense:10", "on", False), ("", "off", True)])
 def test_cpu_ynn_fusions_choose_the_chunk_compiler_options(small, layers, choice, off):
     plan = train.Plan.create(Config(**SMALL, layers=layers, cpu_ynn_fusions=choice), small)
     assert train.chunk_compiler_options(plan) == ({train.YNN_FUSION_OPTION: ""} if off else {})

@@ -531,7 +531,7 @@ YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 
 def chunk_compiler_options(plan: Plan) -> dict:
     """XLA options for the training chunk (`--cpu_ynn_fusions`). XLA:CPU hands dots and
-    reductions to YNNPACK fusions by default. For the speedrun net's step that ran at 38 ms
+    reductions to YNNPACK fusions by default. For the public speedrun net's step that ran at 38 ms
     against 32-33 without them; conv_best's 61 against 57 ms, chapter 6's (batch 10) 3.7 against
     3.4 ms; a 784-1024-1024-10 net's 19 against 22 ms (medians of calls interleaved in one
     process, quiet AMD EPYC, JAX 0.10.2; docs/performance.md). A net with batch norm ran no faster

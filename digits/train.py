@@ -535,9 +535,9 @@ def chunk_compiler_options(plan: Plan) -> dict:
     against 32-33 without them; conv_best's 61 against 57 ms, chapter 6's (batch 10) 3.7 against
     3.4 ms; a 784-1024-1024-10 net's 19 against 22 ms (medians of calls interleaved in one
     process, quiet AMD EPYC, JAX 0.10.2; docs/performance.md). A net with batch norm ran no faster
-    without them (229 against 224 ms) and its manual and jax.grad gradients then differed by more
-    than the audit's error model in a test, so `auto` keeps them for such nets too. An empty
-    fusion type turns them off."""
+    without them (229 against 224 ms), and its forward pass lost precision (both paths' gradients
+    1e-5 from a float64 reference against 1e-7, beyond the audit's error model), so `auto` keeps
+    them for such nets. An empty fusion type turns them off."""
     choice = plan.config.cpu_ynn_fusions
     if plan.layout.platform != "cpu" or choice == "on":
         return {}

@@ -166,7 +166,7 @@ class Config:
                                  lower=0, fingerprint=False)
     cpu_ynn_fusions: str = option("auto", "On CPU, whether XLA hands the training step's dots and reductions to "
                                   "YNNPACK fusions (its default): auto is off for nets with image layers (conv, "
-                                  "pool; their step ran 7-17% faster without) unless they have batch norm, and on "
+                                  "pool; their step ran 7-17% faster without) unless they normalize, and on "
                                   "for the rest (a dense net's ran 17% slower without).", choices=("auto", "on", "off"),
                                   fingerprint=False)
     eval_every: int = option(0, "Evaluate every N steps (0: every epoch; 50 steps for full batch).",

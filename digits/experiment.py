@@ -565,7 +565,9 @@ def _target_summary(plan: train.Plan, parts: list[dict]) -> dict | None:
     target = plan.config.target_accuracy
     for i, part in enumerate(parts):
         if part.get("target") and part["target"]["validation_accuracy"] >= target:
-            times = _total_timings(parts[:i + 1], plan)
+            # The time to the printed result: the figures drawn after it are not counted.
+            reached = {**part, "total_s": part.get("result_s", part.get("total_s"))}
+            times = _total_timings(parts[:i] + [reached], plan)
             t = part["target"]
             return {"accuracy": t["accuracy"], "reached": True, "step": t["step"],
                     "epoch": t["step"] / plan.steps_per_epoch, "validation_accuracy": t["validation_accuracy"],
@@ -653,7 +655,8 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     timings = result.timings(plan)
     part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
             "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
-            "data_s": data_s, "gradcheck_s": gradcheck_s, "total_s": time.perf_counter() - started}
+            "data_s": data_s, "gradcheck_s": gradcheck_s}
+    part["result_s"] = part["total_s"] = time.perf_counter() - started  # (total_s: until the figures are drawn)
     if result.target is not None:
         part["target"] = {"accuracy": config.target_accuracy, **result.target}
     if plan.config.grad == "both":
@@ -667,7 +670,7 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
         _plot_run(dataset, workdir, first_predictions, cm)
     part.update(plot_s=time.perf_counter() - plotting, total_s=time.perf_counter() - started,
                 peak_rss_bytes=report.peak_rss_bytes())
-    summary["timings"] = _total_timings(summary["parts"], plan)  # (a reached target keeps the time to the result)
+    summary["timings"] = _total_timings(summary["parts"], plan)
     if parallel.is_primary():
         report.write_json(workdir / SUMMARY_FILE, summary)
     _print_timings(summary, workdir)

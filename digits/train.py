@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -29,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from digits import augment, backprop, data, gradcheck, layers, losses, model, parallel
 from digits.config import Config
+from digits.layers import normalization
 
 TRAIN_ACCURACY_EXAMPLES = Config.train_accuracy_examples  # the default prefix that measures train accuracy
 _STEP_STREAM = 0x7FFFFFFF  # fold_in(data_key, epoch) orders the data; this stream feeds per-step keys
@@ -523,6 +525,8 @@ def compile_chunk(plan: Plan, state, images, labels, perm):
         except jax.errors.JaxRuntimeError as e:  # an XLA without the option: its defaults
             if not any(name in str(e) for name in options):
                 raise
+            warnings.warn(f"this XLA rejects the compiler options {options} (--cpu_ynn_fusions): compiling the "
+                          f"training step with its defaults ({str(e).splitlines()[0]})", stacklevel=2)
     return lowered.compile()
 
 
@@ -541,9 +545,16 @@ def chunk_compiler_options(plan: Plan) -> dict:
     choice = plan.config.cpu_ynn_fusions
     if plan.layout.platform != "cpu" or choice == "on":
         return {}
-    if choice == "auto" and (plan.spec.stateful or not any(layer.needs_image for layer in plan.spec.layers)):
+    if choice == "auto" and (_normalizes(plan.spec.layers) or not any(layer.needs_image for layer in plan.spec.layers)):
         return {}
     return {YNN_FUSION_OPTION: ""}
+
+
+def _normalizes(stack) -> bool:
+    """Whether a layer stack (residual bodies included) has a normalization layer, whose batch or
+    feature statistics are reductions."""
+    return any(isinstance(layer, (normalization.BatchNorm, normalization.LayerNorm))
+               or _normalizes(getattr(layer, "body", ())) for layer in stack)
 
 
 # --- evaluation ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ best validation accuracy, --target_accuracy, and the wall-time / peak-memory rec
 import collections
 import dataclasses
 import json
+import time
 
 import chex
 import jax
@@ -256,11 +257,19 @@ def _run(config, workdir, capsys):
 
 def test_the_result_is_printed_before_the_figures_are_drawn(tmp_path, cache_dir, capsys, monkeypatch):
     drawn = experiment._plot_run
-    monkeypatch.setattr(experiment, "_plot_run", lambda *args: (print("DRAWING THE FIGURES"), drawn(*args)))
-    summary, out = _run(Config(**CLI, cache_dir=str(cache_dir)), tmp_path / "w", capsys)
-    assert out.index("Test accuracy") < out.index("DRAWING THE FIGURES") < out.index("Wall time")
-    timings = summary["timings"]  # the figures still count in the run's wall time, and summary.json has them
-    assert 0 < timings["plot_s"] < timings["total_s"] == summary["parts"][-1]["total_s"]
+
+    def slow_figures(*args):
+        print("DRAWING THE FIGURES")
+        time.sleep(0.3)
+        drawn(*args)
+
+    monkeypatch.setattr(experiment, "_plot_run", slow_figures)
+    summary, out = _run(Config(**CLI, cache_dir=str(cache_dir), target_accuracy=0.3), tmp_path / "w", capsys)
+    assert out.index("Test accuracy") < out.index("Target:") < out.index("DRAWING THE FIGURES") < out.index("Wall time")
+    timings, part = summary["timings"], summary["parts"][-1]  # the figures still count in the wall time
+    assert timings["plot_s"] >= 0.3 and timings["peak_rss_bytes"] == part["peak_rss_bytes"] > 0
+    assert timings["total_s"] == part["total_s"] >= part["result_s"] + timings["plot_s"]
+    assert summary["target"]["reached"] and summary["target"]["total_s"] == part["result_s"]  # the time to the result
     assert json.loads((tmp_path / "w" / "summary.json").read_text())["timings"] == json.loads(json.dumps(timings))
 
 

@@ -2,6 +2,7 @@
 is exact, K vmapped seeds equal K separate runs, divergence and the audit are reported."""
 
 import dataclasses
+import warnings
 
 import chex
 import jax
@@ -189,20 +190,31 @@ def test_chunks_of_any_length_share_one_compilation(small):
     assert int(state.step) == 21
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option is for XLA:CPU")
 @pytest.mark.parametrize("layers, choice, off", [
     ("conv3x3:4,maxpool2,dense:10", "auto", True), ("", "auto", False), ("conv3x3:4,batchnorm,dense:10", "auto", False),
+    ("conv3x3:4:same,res(conv3x3:4:same,layernorm),maxpool2,dense:10", "auto", False),
     ("conv3x3:4,maxpool2,dense:10", "on", False), ("", "off", True)])
 def test_cpu_ynn_fusions_choose_the_chunk_compiler_options(small, layers, choice, off):
     plan = train.Plan.create(Config(**SMALL, layers=layers, cpu_ynn_fusions=choice), small)
     assert train.chunk_compiler_options(plan) == ({train.YNN_FUSION_OPTION: ""} if off else {})
 
 
-def test_a_compiler_option_this_xla_lacks_falls_back_to_its_defaults(small, monkeypatch):
-    plan = train.Plan.create(Config(**SMALL), small)
+def _compiled_steps(plan, small):
     state, (images, labels) = plan.init_state(), train.device_splits(small)["train"]
-    monkeypatch.setattr(train, "chunk_compiler_options", lambda plan: {"xla_cpu_no_such_option_in_any_xla": ""})
     compiled = train.compile_chunk(plan, state, images, labels, plan.permutation(0))
-    assert int(compiled(state, images, labels, plan.permutation(0), jnp.int32(2))[0].step) == 2
+    return int(compiled(state, images, labels, plan.permutation(0), jnp.int32(2))[0].step)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option is for XLA:CPU")
+def test_this_xla_takes_the_ynn_option_and_one_it_lacks_falls_back_with_a_warning(small, monkeypatch):
+    plan = train.Plan.create(Config(**SMALL, cpu_ynn_fusions="off"), small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the real option compiles, with no fallback
+        assert _compiled_steps(plan, small) == 2
+    monkeypatch.setattr(train, "chunk_compiler_options", lambda plan: {"xla_cpu_no_such_option_in_any_xla": ""})
+    with pytest.warns(UserWarning, match="rejects the compiler options"):
+        assert _compiled_steps(plan, small) == 2
 
 
 def test_divergence_stops_the_loop_with_its_step_and_rate(small):

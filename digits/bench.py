@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digits import data, model, parallel, report, train
+from digits import compiling, data, model, parallel, report, train
 from digits.config import Config
 
 ROW_KEYS = (
@@ -188,7 +188,9 @@ def analyse_gradient(plan: train.Plan) -> dict:
     labels = jax.ShapeDtypeStruct((plan.batch_size,), jnp.int32)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), plan.spec, plan.dtype))
     key = jax.random.PRNGKey(0) if plan.spec.has_dropout else None
-    compiled = jax.jit(lambda p, b, k: fn(p, b, plan.spec, k)).lower(params, (x, labels), key).compile()
+    options = compiling.options(plan.layout.platform) or None  # compiled as the training chunk is
+    compiled = train.compile_step_program(
+        plan, jax.jit(lambda p, b, k: fn(p, b, plan.spec, k), compiler_options=options).lower(params, (x, labels), key))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     memory = compiled.memory_analysis()

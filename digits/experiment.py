@@ -27,7 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from digits import bench, checkpoint, data, files, gradcheck, model, parallel, predict, report, results, train
+from digits import (
+    bench,
+    checkpoint,
+    compiling,
+    data,
+    files,
+    gradcheck,
+    model,
+    parallel,
+    predict,
+    report,
+    results,
+    train,
+)
 from digits import config as config_lib
 from digits.config import Config
 
@@ -262,7 +275,11 @@ def stop_requests():
 def gradient_batch(dataset: data.Dataset, spec: model.ModelSpec, dtype, examples: int):
     """The first `examples` training images as a (x, labels) batch for gradient checks."""
     n = min(examples, len(dataset.train))
-    return model.inputs(jnp.asarray(dataset.train.images[:n]), spec, dtype), jnp.asarray(dataset.train.labels[:n])
+    return _batch_inputs(dataset.train.images[:n], spec, dtype), jnp.asarray(dataset.train.labels[:n])
+
+
+# One program: run op by op, model.inputs's three operations compile one by one (0.2 s).
+_batch_inputs = compiling.jit(model.inputs, static_argnames=("spec", "dtype"))
 
 
 def initial_gradient_check(params, dataset: data.Dataset, spec: model.ModelSpec, dtype, examples: int = 1000) -> dict:
@@ -629,42 +646,43 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     best = _restore_best(workdir, plan, existing.step is not None) if config.select == "best_validation" else None
     device = train.device_splits(dataset, plan.layout, config.train_accuracy_examples)
     metrics_file = report.MetricsWriter(workdir / METRICS_FILE) if parallel.is_primary() else contextlib.nullcontext()
-    with metrics_file as metrics, stop_requests() as stop:
-        clock = {"data_s": data_s, "gradcheck_s": gradcheck_s}
-        hooks = _WorkdirHooks(plan, workdir, step, existing.step, stop, metrics, tensorboard, record, best, clock,
-                              started)
-        try:
-            result = train.fit(plan, state, device, [hooks], best, clock)
-        except train.Diverged as e:
-            raise hooks.diverged(e) from None
-        finally:
-            hooks.close()
+    with stop_requests() as stop:  # to the final checkpoint: a signal waits for it, losing nothing
+        with metrics_file as metrics:
+            clock = {"data_s": data_s, "gradcheck_s": gradcheck_s}
+            hooks = _WorkdirHooks(plan, workdir, step, existing.step, stop, metrics, tensorboard, record, best, clock,
+                                  started)
+            try:
+                result = train.fit(plan, state, device, [hooks], best, clock)
+            except train.Diverged as e:
+                raise hooks.diverged(e) from None
+            finally:
+                hooks.close()
         end = train.host_step(result.state)  # below total_steps when --target_accuracy stopped it
+
+        final = result.final_splits(device, ("train_subset", "validation", "test"))
+        if final_outputs is not None:
+            final_outputs.update(final)
+        best_found = None
+        if best is not None and best.state is not None:
+            best_params, best_model_state = train.reported_model(best.state)
+            best_found = result.evaluator.splits(best_params, device, ("validation", "test"), best_model_state)
+        first_predictions = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
+        cm = report.confusion_matrix(dataset.test.labels, first_predictions, plan.spec.num_classes)
+        timings = result.timings(plan)
+        part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
+                "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
+                "data_s": data_s, "gradcheck_s": gradcheck_s}
+        part["result_s"] = part["total_s"] = time.perf_counter() - started  # (total_s: until the figures are drawn)
+        if result.target is not None:
+            part["target"] = {"accuracy": config.target_accuracy, **result.target}
+        if plan.config.grad == "both":
+            part["grad_audit"] = result.audit
+        summary = _final_summary(plan, dataset, workdir, result, final, gradient_check, record["parts"] + [part], cm)
+        if best_found is not None:
+            summary["best_validation"] = _best_summary(plan, dataset, best, best_found)
+        _print_results(summary)  # before the final checkpoint and the figures: files, not the result
         if hooks.last_checkpoint != end:
             hooks.save(end, result.state)
-
-    final = result.final_splits(device, ("train_subset", "validation", "test"))
-    if final_outputs is not None:
-        final_outputs.update(final)
-    best_found = None
-    if best is not None and best.state is not None:
-        best_params, best_model_state = train.reported_model(best.state)
-        best_found = result.evaluator.splits(best_params, device, ("validation", "test"), best_model_state)
-    first_predictions = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
-    cm = report.confusion_matrix(dataset.test.labels, first_predictions, plan.spec.num_classes)
-    timings = result.timings(plan)
-    part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
-            "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
-            "data_s": data_s, "gradcheck_s": gradcheck_s}
-    part["result_s"] = part["total_s"] = time.perf_counter() - started  # (total_s: until the figures are drawn)
-    if result.target is not None:
-        part["target"] = {"accuracy": config.target_accuracy, **result.target}
-    if plan.config.grad == "both":
-        part["grad_audit"] = result.audit
-    summary = _final_summary(plan, dataset, workdir, result, final, gradient_check, record["parts"] + [part], cm)
-    if best_found is not None:
-        summary["best_validation"] = _best_summary(plan, dataset, best, best_found)
-    _print_results(summary)  # before the figures, which take seconds and are files, not the result
     plotting = time.perf_counter()
     if parallel.is_primary():
         _plot_run(dataset, workdir, first_predictions, cm)
@@ -876,7 +894,7 @@ def _one_model(plan: train.Plan, index: int | str, workdir) -> tuple[dict, calla
     pick = lambda tree: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
     if plan.layout.mesh is None:
         return about, pick
-    return about, jax.jit(pick, out_shardings=plan.layout.sharding(parallel.P()))  # on every device and process
+    return about, compiling.jit(pick, out_shardings=plan.layout.sharding(parallel.P()))  # on every device and process
 
 
 def load_trained(workdir: pathlib.Path, config: Config | None = None, model_index: int | str = 0,
@@ -1025,9 +1043,10 @@ def run_predict(workdir: pathlib.Path, images_spec: str, save_preprocessed: bool
             return train.output_probabilities(logits, plan.spec)
 
         if trained.model["index"] == ENSEMBLE:  # the mean of the models' probabilities (diverged: NaN, left out)
-            apply = jax.jit(lambda p, s, u8: jnp.nanmean(jax.vmap(one_model, in_axes=(0, 0, None))(p, s, u8), axis=0))
+            apply = compiling.jit(
+                lambda p, s, u8: jnp.nanmean(jax.vmap(one_model, in_axes=(0, 0, None))(p, s, u8), axis=0))
         else:
-            apply = jax.jit(one_model)
+            apply = compiling.jit(one_model)
 
         def probabilities(images_u8: np.ndarray) -> np.ndarray:
             return np.asarray(apply(trained.params, trained.model_state, jnp.asarray(images_u8)), np.float64)

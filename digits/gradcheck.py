@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from digits import backprop, losses
+from digits import backprop, compiling, losses
 
 # Safety factors, in units of eps. Measured worst cases over random MLPs (up to 784 inputs, 4
 # layers, batches 1-256, every activation, output, cost and initialiser, float32 and float64):
@@ -249,7 +249,7 @@ def _mismatch(name: str, reference: str, manual, expected) -> LeafReport | None:
     return LeafReport(name, reference, nan, nan, nan, nan, nan, float("inf"))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "value_and_grad", "with_reference", "chunk"))
+@compiling.jit(static_argnames=("spec", "value_and_grad", "with_reference", "chunk"))
 def _evaluate(params, batch, extra, flat_index, values, *, spec, value_and_grad, with_reference, chunk):
     """Every number one check needs, in one compiled program (one compilation per architecture).
 

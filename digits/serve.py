@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from digits import backprop, experiment, model, predict, train
+from digits import backprop, compiling, experiment, model, predict, train
 
 MAX_BODY_BYTES = 4 * 2**20  # a 280 x 280 drawing is ~10 KB; photos through the API fit too
 MAX_PIXELS = 4096 * 4096  # decoding a tiny PNG of huge dimensions would take seconds and memory
@@ -124,7 +124,7 @@ class Analyser:
     info: dict  # GET /api/model
 
     def __post_init__(self):
-        self.compiled = jax.jit(functools.partial(analysis, spec=self.spec, dtype=self.dtype))
+        self.compiled = compiling.jit(functools.partial(analysis, spec=self.spec, dtype=self.dtype))
 
     def analyse_image(self, image: np.ndarray) -> dict:
         """uint8 (28, 28) -> the API's dict. Thread-safe; x64 is per thread, so it is set here."""

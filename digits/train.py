@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from digits import augment, backprop, data, gradcheck, layers, losses, model, parallel
+from digits import augment, backprop, compiling, data, gradcheck, layers, losses, model, parallel
 from digits.config import Config
 from digits.layers import normalization
 
@@ -221,7 +221,7 @@ class Plan:
     def _lr_multiplier(self):
         # Compiled once: run eagerly, an optax schedule compiles each of its operations on its
         # first call (1.5 s for one_cycle, more than the speedrun's final evaluation of a split).
-        return jax.jit(lr_multiplier(self.config, self.total_steps, self.steps_per_epoch))
+        return compiling.jit(lr_multiplier(self.config, self.total_steps, self.steps_per_epoch))
 
     def make_chunk(self):
         return make_train_chunk(self)
@@ -284,6 +284,7 @@ def make_optimizer(config: Config, total_steps: int, steps_per_epoch: int) -> op
     return optax.chain(direction, optax.scale_by_schedule(lr_multiplier(config, total_steps, steps_per_epoch)))
 
 
+@compiling.jit  # one program: run op by op, its three operations compile one by one (0.25 s)
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(init key, data key) of a seed: the initialisation, and the data order, augmentation and dropout."""
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -299,7 +300,7 @@ def init_state(seed: int, learning_rate: float, spec: model.ModelSpec, tx: optax
     return _compiled_init_state(jnp.int32(seed), learning_rate, spec, tx, dtype, ema)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "tx", "dtype", "ema"))
+@compiling.jit(static_argnames=("spec", "tx", "dtype", "ema"))
 def _compiled_init_state(seed, learning_rate, spec, tx, dtype, ema) -> TrainState:
     init_key, data_key = seed_keys(seed)
     params = model.init(init_key, spec, dtype)
@@ -330,7 +331,7 @@ def permutations(data_keys: jax.Array, epoch: int, num_examples: int, vmapped: b
     return epoch_permutation(data_keys, epoch, num_examples)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
+@compiling.jit(static_argnums=(2,))
 def epoch_permutation(data_key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
     """The data order of one epoch: int32 (num_examples,), a pure function of (key, epoch)."""
     return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples).astype(jnp.int32)
@@ -517,7 +518,13 @@ def compile_chunk(plan: Plan, state, images, labels, perm):
         lanes = plan.lanes_spec
         fn = jax.shard_map(fn, mesh=plan.layout.mesh, in_specs=(lanes, P(), P(), plan.perm_spec, P()),
                            out_specs=(lanes, P()))
-    lowered = jax.jit(fn, donate_argnums=0).lower(state, images, labels, perm, jnp.int32(1))
+    jitted = jax.jit(fn, donate_argnums=0, compiler_options=compiling.options(plan.layout.platform) or None)
+    return compile_step_program(plan, jitted.lower(state, images, labels, perm, jnp.int32(1)))
+
+
+def compile_step_program(plan: Plan, lowered):
+    """Compiles a lowered program of the plan's training step (the chunk, or the benchmark's
+    value_and_grad) with `chunk_compiler_options`, or with XLA's defaults where XLA lacks them."""
     options = chunk_compiler_options(plan)
     if options:
         try:
@@ -682,7 +689,10 @@ class Evaluator:
         fn = make_evaluate(self.spec, self.dtype, eval_batch_size(self.spec, self.dtype, models, budget))
         fn = jax.vmap(fn, in_axes=(0, None, None, 0)) if self.vmapped else fn
         # On a mesh the results come back replicated, so every process can read them.
-        return jax.jit(fn) if self.layout.mesh is None else jax.jit(fn, out_shardings=self.layout.sharding(P()))
+        options = compiling.options(self.layout.platform) or None
+        if self.layout.mesh is None:
+            return jax.jit(fn, compiler_options=options)
+        return jax.jit(fn, out_shardings=self.layout.sharding(P()), compiler_options=options)
 
     def __call__(self, params, images, labels, model_state=None):
         """model_state: required for models that keep state (batch norm); None otherwise."""

@@ -5,6 +5,8 @@ best validation accuracy, --target_accuracy, and the wall-time / peak-memory rec
 import collections
 import dataclasses
 import json
+import os
+import signal
 import time
 
 import chex
@@ -271,6 +273,26 @@ def test_the_result_is_printed_before_the_figures_are_drawn(tmp_path, cache_dir,
     assert timings["total_s"] == part["total_s"] >= part["result_s"] + timings["plot_s"]
     assert summary["target"]["reached"] and summary["target"]["total_s"] == part["result_s"]  # the time to the result
     assert json.loads((tmp_path / "w" / "summary.json").read_text())["timings"] == json.loads(json.dumps(timings))
+
+
+def test_the_final_checkpoint_follows_the_result_and_a_signal_waits_for_it(tmp_path, cache_dir, capsys, monkeypatch):
+    saved, evaluate_final = checkpoint.save, train.FitResult.final_splits
+
+    def announced_save(*args, **kwargs):
+        print("SAVING THE CHECKPOINT")
+        return saved(*args, **kwargs)
+
+    def interrupted_evaluation(self, *args):  # Ctrl-C after the last chunk, before any checkpoint
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate_final(self, *args)
+
+    monkeypatch.setattr(checkpoint, "save", announced_save)
+    monkeypatch.setattr(train.FitResult, "final_splits", interrupted_evaluation)
+    workdir = tmp_path / "w"
+    summary, out = _run(Config(**{**CLI, "checkpoint_every": 0}, cache_dir=str(cache_dir)), workdir, capsys)
+    assert out.count("SAVING THE CHECKPOINT") == 1
+    assert out.index("Test accuracy") < out.index("SAVING THE CHECKPOINT") < out.index("Wall time")
+    assert checkpoint.latest_step(workdir / experiment.CHECKPOINT_DIR) == summary["parts"][-1]["end_step"] == 60
 
 
 def test_best_validation_run_resumes_and_reports_both_models(tmp_path, cache_dir, capsys):

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from digits import backprop, checkpoint, data, model, train
+from digits import backprop, checkpoint, compiling, data, model, train
 from digits.config import Config
 
 SMALL = dict(layer_sizes=(784, 16, 10), optimizer="sgd", init="glorot", learning_rate=0.1, batch_size=50, epochs=3)
@@ -301,3 +301,27 @@ def test_manual_and_autodiff_agree_on_a_relu_conv_stack_at_zero_bias_init(tiny):
     _, auto = jax.jit(backprop.autodiff_value_and_grad, static_argnums=2)(params, batch, plan.spec)
     violation, _, _ = gradcheck.tree_agreement(manual, auto)
     assert float(violation) <= 1.0
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option is for XLA:CPU")
+def test_programs_compiled_at_o2_agree_with_the_default_compilation_to_rounding(small):
+    # Not always bit for bit: 4 of this 3x3x1x4 kernel's 36 initial weights differ by 1 ulp (the
+    # speedrun's and chapter 6's nets were bit-identical over 280 steps; docs/performance.md).
+    config = Config(**{**SMALL, "layers": "conv3x3:4,maxpool2,dense:10", "init": "he"},
+                    cpu_ynn_fusions="on")  # the opt level alone differs
+    plan = train.Plan.create(config, small)
+    assert compiling.options("cpu") == {compiling.OPT_LEVEL_OPTION: 2} and compiling.options("gpu") == {}
+    args = (jnp.int32(3), 0.1, plan.spec, plan.tx, plan.dtype, False)
+    default = jax.jit(train._compiled_init_state.__wrapped__, static_argnums=(2, 3, 4, 5))(*args)
+    chex.assert_trees_all_close(train._compiled_init_state(*args), default, rtol=1e-6, atol=0)
+    images, labels = train.device_splits(small)["train"]
+    perm = plan.permutation(0)
+    fresh = lambda: jax.tree.map(jnp.copy, default)  # noqa: E731  (the chunks donate their state)
+    o2 = train.compile_chunk(plan, fresh(), images, labels, perm)(fresh(), images, labels, perm, jnp.int32(3))
+    default = jax.jit(plan.make_chunk(), donate_argnums=0)(fresh(), images, labels, perm, jnp.int32(3))
+    chex.assert_trees_all_close(o2, default, rtol=1e-5, atol=1e-7)
+
+
+def test_compiling_jit_inside_another_jit_becomes_part_of_it():
+    double = compiling.jit(lambda x: 2 * x)
+    assert float(jax.jit(lambda x: double(x) + 1)(jnp.float32(3))) == 7.0 == float(double(3.0) + 1)

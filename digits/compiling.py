@@ -1,0 +1,51 @@
+"""How digits compiles its programs: XLA:CPU at LLVM -O2 instead of XLA's default -O3.
+
+Measured on the 2-core AMD EPYC (JAX 0.10.2, quiet; docs/performance.md): -O2 compiled the
+speedrun's initialisation program in 1.0-1.3 s against 2.6-3.4 s, its training chunk in 1.8-2.1 s
+against 2.3-2.8 s, and the chunk ran as fast or faster (the speedrun net 17.6-17.9 against
+19.2-19.6 ms/step, chapter 6's 3.0 against 3.2, conv_best's and a dense net's within 2%, a
+batch-norm ResNet's 2% slower, within its noise). The values agree to rounding, not always bit
+for bit: those five nets' parameters were bit-identical after 280 steps, but 4 of a 3x3x1x4
+kernel's 36 initial weights differ by 1 ulp, so a run's last bits can differ from an -O3 build's
+(its accuracy distribution does not). -O0 changes values more and -O1 ran slower. Other
+platforms keep their defaults (none of this was measured there).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+OPT_LEVEL_OPTION = "xla_backend_optimization_level"
+CPU_OPT_LEVEL = 2
+
+
+def options(platform: str | None = None) -> dict:
+    """XLA compiler options for programs on `platform` (default: JAX's default backend)."""
+    platform = platform or jax.default_backend()
+    return {OPT_LEVEL_OPTION: CPU_OPT_LEVEL} if platform == "cpu" else {}
+
+
+def jit(fun=None, **jit_kwargs):
+    """`jax.jit` (same arguments, usable as a decorator) whose programs compile with `options()`
+    for the default backend of the call. The backend is read at the call, not at import: a
+    module's programs must not initialise JAX's backends (which fixes the device count). Called
+    on traced values (inside another jit, which alone may carry compiler options), it runs `fun`
+    as part of that program."""
+    if fun is None:
+        return functools.partial(jit, **jit_kwargs)
+
+    @functools.cache
+    def for_platform(platform: str):
+        return jax.jit(fun, compiler_options=options(platform) or None, **jit_kwargs)
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+            return fun(*args, **kwargs)
+        return for_platform(jax.default_backend())(*args, **kwargs)
+
+    call.lower = lambda *args, **kwargs: for_platform(jax.default_backend()).lower(*args, **kwargs)
+    call._cache_size = lambda: for_platform(jax.default_backend())._cache_size()  # as jax.jit's, for tests
+    return call

@@ -646,7 +646,7 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
     best = _restore_best(workdir, plan, existing.step is not None) if config.select == "best_validation" else None
     device = train.device_splits(dataset, plan.layout, config.train_accuracy_examples)
     metrics_file = report.MetricsWriter(workdir / METRICS_FILE) if parallel.is_primary() else contextlib.nullcontext()
-    with stop_requests() as stop:  # to the final checkpoint: a signal waits for it, losing nothing
+    with stop_requests() as stop:  # to the final checkpoint: a signal stops the run at a saved state
         with metrics_file as metrics:
             clock = {"data_s": data_s, "gradcheck_s": gradcheck_s}
             hooks = _WorkdirHooks(plan, workdir, step, existing.step, stop, metrics, tensorboard, record, best, clock,
@@ -658,31 +658,36 @@ def _train(config: Config, workdir: pathlib.Path, overwrite: bool, tensorboard: 
             finally:
                 hooks.close()
         end = train.host_step(result.state)  # below total_steps when --target_accuracy stopped it
-
-        final = result.final_splits(device, ("train_subset", "validation", "test"))
-        if final_outputs is not None:
-            final_outputs.update(final)
-        best_found = None
-        if best is not None and best.state is not None:
-            best_params, best_model_state = train.reported_model(best.state)
-            best_found = result.evaluator.splits(best_params, device, ("validation", "test"), best_model_state)
-        first_predictions = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
-        cm = report.confusion_matrix(dataset.test.labels, first_predictions, plan.spec.num_classes)
-        timings = result.timings(plan)
-        part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
-                "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
-                "data_s": data_s, "gradcheck_s": gradcheck_s}
-        part["result_s"] = part["total_s"] = time.perf_counter() - started  # (total_s: until the figures are drawn)
-        if result.target is not None:
-            part["target"] = {"accuracy": config.target_accuracy, **result.target}
-        if plan.config.grad == "both":
-            part["grad_audit"] = result.audit
-        summary = _final_summary(plan, dataset, workdir, result, final, gradient_check, record["parts"] + [part], cm)
-        if best_found is not None:
-            summary["best_validation"] = _best_summary(plan, dataset, best, best_found)
-        _print_results(summary)  # before the final checkpoint and the figures: files, not the result
-        if hooks.last_checkpoint != end:
-            hooks.save(end, result.state)
+        try:  # the final evaluation, then the final checkpoint, whatever happens in between
+            final = result.final_splits(device, ("train_subset", "validation", "test"))
+            if final_outputs is not None:
+                final_outputs.update(final)
+            best_found = None
+            if best is not None and best.state is not None:
+                best_params, best_model_state = train.reported_model(best.state)
+                best_found = result.evaluator.splits(best_params, device, ("validation", "test"), best_model_state)
+            first_predictions = final["test_predictions"][0] if plan.vmapped else final["test_predictions"]
+            cm = report.confusion_matrix(dataset.test.labels, first_predictions, plan.spec.num_classes)
+            timings = result.timings(plan)
+            part = {"start_step": step, "end_step": end, "total_steps": plan.total_steps,
+                    "date": datetime.date.today().isoformat(), **{k: timings[k] for k in PART_TIMINGS if k in timings},
+                    "data_s": data_s, "gradcheck_s": gradcheck_s}
+            part["result_s"] = part["total_s"] = time.perf_counter() - started  # (total_s: until the figures are drawn)
+            if result.target is not None:
+                part["target"] = {"accuracy": config.target_accuracy, **result.target}
+            if plan.config.grad == "both":
+                part["grad_audit"] = result.audit
+            parts = record["parts"] + [part]
+            summary = _final_summary(plan, dataset, workdir, result, final, gradient_check, parts, cm)
+            if best_found is not None:
+                summary["best_validation"] = _best_summary(plan, dataset, best, best_found)
+            _print_results(summary)  # before the final checkpoint and the figures: files, not the result
+        finally:
+            if hooks.last_checkpoint != end:
+                hooks.save(end, result.state)
+    if stop["signal"] is not None:  # it came during the final evaluation: stop there, having saved
+        raise Interrupted(f"interrupted after the last step ({end}); checkpoint saved in {workdir / CHECKPOINT_DIR}; "
+                          "re-run the same command to finish the run (its evaluation and summary)")
     plotting = time.perf_counter()
     if parallel.is_primary():
         _plot_run(dataset, workdir, first_predictions, cm)

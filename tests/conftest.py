@@ -23,9 +23,9 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # Tests compile hundreds of small programs and run each briefly: XLA's CPU backend without LLVM's
 # optimisations compiles them in about a third less time (test_layer_kinds.py: 340 s -> 228 s),
 # and runs them no differently in what tests judge (results equal within the same flags; every
-# comparison in the tests is between programs of one session). Benchmarks and runs keep -O3; a
-# level given in XLA_FLAGS wins (XLA_FLAGS=--xla_backend_optimization_level=3 make test checks
-# the optimised code the same way, slower).
+# comparison in the tests is between programs of one session). Benchmarks and runs compile at -O2
+# (digits/compiling.py), which defers to a level given in XLA_FLAGS: this one, and
+# XLA_FLAGS=--xla_backend_optimization_level=2 make test checks the runs' code the same way, slower.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 

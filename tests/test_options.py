@@ -275,7 +275,8 @@ def test_the_result_is_printed_before_the_figures_are_drawn(tmp_path, cache_dir,
     assert json.loads((tmp_path / "w" / "summary.json").read_text())["timings"] == json.loads(json.dumps(timings))
 
 
-def test_the_final_checkpoint_follows_the_result_and_a_signal_waits_for_it(tmp_path, cache_dir, capsys, monkeypatch):
+def test_the_final_checkpoint_follows_the_result_and_a_signal_then_stops_the_run(tmp_path, cache_dir, capsys,
+                                                                                  monkeypatch):
     saved, evaluate_final = checkpoint.save, train.FitResult.final_splits
 
     def announced_save(*args, **kwargs):
@@ -288,11 +289,29 @@ def test_the_final_checkpoint_follows_the_result_and_a_signal_waits_for_it(tmp_p
 
     monkeypatch.setattr(checkpoint, "save", announced_save)
     monkeypatch.setattr(train.FitResult, "final_splits", interrupted_evaluation)
+    workdir, config = tmp_path / "w", Config(**{**CLI, "checkpoint_every": 0}, cache_dir=str(cache_dir))
+    with pytest.raises(experiment.Interrupted, match="after the last step"):
+        experiment.run_train(config, workdir)
+    out = capsys.readouterr().out
+    assert out.count("SAVING THE CHECKPOINT") == 1 and out.index("Test accuracy") < out.index("SAVING THE CHECKPOINT")
+    assert checkpoint.latest_step(workdir / experiment.CHECKPOINT_DIR) == 60
+    assert not (workdir / experiment.SUMMARY_FILE).exists()
+    monkeypatch.setattr(train.FitResult, "final_splits", evaluate_final)
+    summary, out = _run(config, workdir, capsys)  # the same command finishes it, training nothing more
+    assert summary["parts"][-1]["start_step"] == summary["parts"][-1]["end_step"] == 60
+    assert "Wall time" in out and "SAVING THE CHECKPOINT" not in out
+
+
+def failing_evaluation(self, *args):
+    raise MemoryError("out of memory in the final evaluation")
+
+
+def test_a_failing_final_evaluation_still_leaves_the_final_checkpoint(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(train.FitResult, "final_splits", failing_evaluation)
     workdir = tmp_path / "w"
-    summary, out = _run(Config(**{**CLI, "checkpoint_every": 0}, cache_dir=str(cache_dir)), workdir, capsys)
-    assert out.count("SAVING THE CHECKPOINT") == 1
-    assert out.index("Test accuracy") < out.index("SAVING THE CHECKPOINT") < out.index("Wall time")
-    assert checkpoint.latest_step(workdir / experiment.CHECKPOINT_DIR) == summary["parts"][-1]["end_step"] == 60
+    with pytest.raises(MemoryError):
+        experiment.run_train(Config(**{**CLI, "checkpoint_every": 0}, cache_dir=str(cache_dir)), workdir)
+    assert checkpoint.latest_step(workdir / experiment.CHECKPOINT_DIR) == 60
 
 
 def test_best_validation_run_resumes_and_reports_both_models(tmp_path, cache_dir, capsys):

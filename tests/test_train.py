@@ -303,25 +303,50 @@ def test_manual_and_autodiff_agree_on_a_relu_conv_stack_at_zero_bias_init(tiny):
     assert float(violation) <= 1.0
 
 
+def test_cpu_programs_compile_at_o2_unless_xla_flags_give_a_level(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+    assert compiling.options("cpu") == {compiling.OPT_LEVEL_OPTION: 2} and compiling.options("gpu") == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")  # as the tests run
+    assert compiling.options("cpu") == {}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are XLA:CPU's")
+def test_the_options_reach_every_kind_of_compiled_program(small, monkeypatch):
+    plan = train.Plan.create(Config(**SMALL), small)
+    state, (images, labels) = plan.init_state(), train.device_splits(small)["train"]
+    monkeypatch.setattr(compiling, "options", lambda platform=None: {"xla_cpu_no_such_option_in_any_xla": 1})
+    with pytest.raises(jax.errors.JaxRuntimeError, match="no_such_option"):
+        train.compile_chunk(plan, state, images, labels, plan.permutation(0))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="no_such_option"):
+        train.Evaluator(plan.spec, plan.dtype, vmapped=False)(state.params, images, labels)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="no_such_option"):
+        compiling.jit(lambda x: x + 1)(jnp.float32(1))
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option is for XLA:CPU")
-def test_programs_compiled_at_o2_agree_with_the_default_compilation_to_rounding(small):
+def test_programs_compiled_at_o2_agree_with_o3_to_rounding(small):
     # Not always bit for bit: 4 of this 3x3x1x4 kernel's 36 initial weights differ by 1 ulp (the
     # speedrun's and chapter 6's nets were bit-identical over 280 steps; docs/performance.md).
     config = Config(**{**SMALL, "layers": "conv3x3:4,maxpool2,dense:10", "init": "he"},
                     cpu_ynn_fusions="on")  # the opt level alone differs
     plan = train.Plan.create(config, small)
-    assert compiling.options("cpu") == {compiling.OPT_LEVEL_OPTION: 2} and compiling.options("gpu") == {}
+    at = lambda level: {compiling.OPT_LEVEL_OPTION: level}  # noqa: E731
     args = (jnp.int32(3), 0.1, plan.spec, plan.tx, plan.dtype, False)
-    default = jax.jit(train._compiled_init_state.__wrapped__, static_argnums=(2, 3, 4, 5))(*args)
-    chex.assert_trees_all_close(train._compiled_init_state(*args), default, rtol=1e-6, atol=0)
+    init = train._compiled_init_state.__wrapped__
+    o3_init = jax.jit(init, static_argnums=(2, 3, 4, 5), compiler_options=at(3))(*args)
+    chex.assert_trees_all_close(jax.jit(init, static_argnums=(2, 3, 4, 5), compiler_options=at(2))(*args), o3_init,
+                                rtol=1e-6, atol=0)
     images, labels = train.device_splits(small)["train"]
     perm = plan.permutation(0)
-    fresh = lambda: jax.tree.map(jnp.copy, default)  # noqa: E731  (the chunks donate their state)
-    o2 = train.compile_chunk(plan, fresh(), images, labels, perm)(fresh(), images, labels, perm, jnp.int32(3))
-    default = jax.jit(plan.make_chunk(), donate_argnums=0)(fresh(), images, labels, perm, jnp.int32(3))
-    chex.assert_trees_all_close(o2, default, rtol=1e-5, atol=1e-7)
+    fresh = lambda: jax.tree.map(jnp.copy, o3_init)  # noqa: E731  (the chunks donate their state)
+    o2, o3 = (jax.jit(plan.make_chunk(), donate_argnums=0, compiler_options=at(level))(
+        fresh(), images, labels, perm, jnp.int32(3)) for level in (2, 3))
+    chex.assert_trees_all_close(o2, o3, rtol=1e-5, atol=1e-7)
 
 
 def test_compiling_jit_inside_another_jit_becomes_part_of_it():
     double = compiling.jit(lambda x: 2 * x)
     assert float(jax.jit(lambda x: double(x) + 1)(jnp.float32(3))) == 7.0 == float(double(3.0) + 1)
+    assert float(jax.jit(lambda x: double(3.0) + x)(jnp.float32(1))) == 7.0  # no traced argument
+    assert float(jax.lax.fori_loop(0, 2, lambda i, x: double(x), jnp.float32(1))) == 4.0
+    chex.assert_trees_all_equal(jax.vmap(double)(jnp.arange(3.0)), jnp.array([0.0, 2.0, 4.0]))

@@ -15,7 +15,7 @@ from digits import config as config_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 ABSL_FLAGS = {"help", "helpshort", "helpfull", "helpxml", "flagfile", "undefok"}  # defined by absl itself
-OTHER_TOOLS_FLAGS = {"nodes"}  # SLURM's srun, in the multi-host example
+OTHER_TOOLS_FLAGS = {"nodes", "xla_backend_optimization_level"}  # SLURM's srun (multi-host); XLA's, in XLA_FLAGS
 
 FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1", re.M | re.S)
 CODE_SPAN = re.compile(r"(`+).+?\1", re.S)

@@ -289,16 +289,16 @@ def test_the_final_checkpoint_follows_the_result_and_a_signal_then_stops_the_run
 
     monkeypatch.setattr(checkpoint, "save", announced_save)
     monkeypatch.setattr(train.FitResult, "final_splits", interrupted_evaluation)
-    workdir, config = tmp_path / "w", Config(**{**CLI, "checkpoint_every": 0}, cache_dir=str(cache_dir))
+    workdir, config = tmp_path / "w", Config(**{**CLI, "checkpoint_every": 0, "epochs": 1}, cache_dir=str(cache_dir))
     with pytest.raises(experiment.Interrupted, match="after the last step"):
         experiment.run_train(config, workdir)
     out = capsys.readouterr().out
     assert out.count("SAVING THE CHECKPOINT") == 1 and out.index("Test accuracy") < out.index("SAVING THE CHECKPOINT")
-    assert checkpoint.latest_step(workdir / experiment.CHECKPOINT_DIR) == 60
+    assert checkpoint.latest_step(workdir / experiment.CHECKPOINT_DIR) == 20
     assert not (workdir / experiment.SUMMARY_FILE).exists()
     monkeypatch.setattr(train.FitResult, "final_splits", evaluate_final)
     summary, out = _run(config, workdir, capsys)  # the same command finishes it, training nothing more
-    assert summary["parts"][-1]["start_step"] == summary["parts"][-1]["end_step"] == 60
+    assert summary["parts"][-1]["start_step"] == summary["parts"][-1]["end_step"] == 20
     assert "Wall time" in out and "SAVING THE CHECKPOINT" not in out
 
 
@@ -310,8 +310,8 @@ def test_a_failing_final_evaluation_still_leaves_the_final_checkpoint(tmp_path, 
     monkeypatch.setattr(train.FitResult, "final_splits", failing_evaluation)
     workdir = tmp_path / "w"
     with pytest.raises(MemoryError):
-        experiment.run_train(Config(**{**CLI, "checkpoint_every": 0}, cache_dir=str(cache_dir)), workdir)
-    assert checkpoint.latest_step(workdir / experiment.CHECKPOINT_DIR) == 60
+        experiment.run_train(Config(**{**CLI, "checkpoint_every": 0, "epochs": 1}, cache_dir=str(cache_dir)), workdir)
+    assert checkpoint.latest_step(workdir / experiment.CHECKPOINT_DIR) == 20
 
 
 def test_best_validation_run_resumes_and_reports_both_models(tmp_path, cache_dir, capsys):

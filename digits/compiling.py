@@ -5,7 +5,7 @@ speedrun's initialisation program in 1.0-1.3 s against 2.6-3.4 s, its training c
 against 2.3-2.8 s, and the chunk ran as fast or faster (the speedrun net 17.6-17.9 against
 19.2-19.6 ms/step, chapter 6's 3.0 against 3.2, conv_best's and a dense net's within 2%, a
 batch-norm ResNet's 2% slower, within its noise). The values agree to rounding, not always bit
-for bit: those five nets' parameters were bit-identical after 280 steps, but 4 of a 3x3x1x4
+for bit: those five nets' parameters were bit-identical after 70-1,200 steps, but 4 of a 3x3x1x4
 kernel's 36 initial weights differ by 1 ulp, so a run's last bits can differ from an -O3 build's
 (its accuracy distribution does not). -O0 changes values more and -O1 ran slower. Other
 platforms keep their defaults (none of this was measured there).

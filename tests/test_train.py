@@ -326,7 +326,7 @@ def test_the_options_reach_every_kind_of_compiled_program(small, monkeypatch):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option is for XLA:CPU")
 def test_programs_compiled_at_o2_agree_with_o3_to_rounding(small):
     # Not always bit for bit: 4 of this 3x3x1x4 kernel's 36 initial weights differ by 1 ulp (the
-    # speedrun's and chapter 6's nets were bit-identical over 280 steps; docs/performance.md).
+    # speedrun's and chapter 6's nets were bit-identical over 600 steps; docs/performance.md).
     config = Config(**{**SMALL, "layers": "conv3x3:4,maxpool2,dense:10", "init": "he"},
                     cpu_ynn_fusions="on")  # the opt level alone differs
     plan = train.Plan.create(config, small)

@@ -188,9 +188,8 @@ def analyse_gradient(plan: train.Plan) -> dict:
     labels = jax.ShapeDtypeStruct((plan.batch_size,), jnp.int32)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), plan.spec, plan.dtype))
     key = jax.random.PRNGKey(0) if plan.spec.has_dropout else None
-    options = compiling.options(plan.layout.platform) or None  # compiled as the training chunk is
-    compiled = train.compile_step_program(
-        plan, jax.jit(lambda p, b, k: fn(p, b, plan.spec, k), compiler_options=options).lower(params, (x, labels), key))
+    jitted = compiling.jit(lambda p, b, k: fn(p, b, plan.spec, k), platform=plan.layout.platform)
+    compiled = train.compile_step_program(plan, jitted.lower(params, (x, labels), key))  # as the training chunk is
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     memory = compiled.memory_analysis()

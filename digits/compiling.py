@@ -41,14 +41,18 @@ def _inside_a_jit(args, kwargs) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
 
 
-def jit(fun=None, **jit_kwargs):
-    """`jax.jit` (same arguments, usable as a decorator) whose programs compile with `options()`
-    for the default backend of the call. The backend is read at the call, not at import: a
-    module's programs must not initialise JAX's backends (which fixes the device count). Called
+def jit(fun=None, *, platform: str | None = None, **jit_kwargs):
+    """`jax.jit` (same arguments, usable as a decorator) whose programs compile with `options()`.
+
+    With `platform` (a plan's, known when the program is built): jax.jit for it, a top-level
+    program. Without: for the default backend of each call, read at the call, not at import (a
+    module's programs must not initialise JAX's backends, which fixes the device count); called
     while another jit is traced (which alone may carry compiler options), it runs `fun` as part
     of that program."""
     if fun is None:
-        return functools.partial(jit, **jit_kwargs)
+        return functools.partial(jit, platform=platform, **jit_kwargs)
+    if platform is not None:
+        return jax.jit(fun, compiler_options=options(platform) or None, **jit_kwargs)
 
     @functools.cache
     def for_platform(platform: str):

@@ -899,7 +899,8 @@ def _one_model(plan: train.Plan, index: int | str, workdir) -> tuple[dict, calla
     pick = lambda tree: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
     if plan.layout.mesh is None:
         return about, pick
-    return about, compiling.jit(pick, out_shardings=plan.layout.sharding(parallel.P()))  # on every device and process
+    return about, compiling.jit(pick, platform=plan.layout.platform,
+                                out_shardings=plan.layout.sharding(parallel.P()))  # on every device and process
 
 
 def load_trained(workdir: pathlib.Path, config: Config | None = None, model_index: int | str = 0,

@@ -518,7 +518,7 @@ def compile_chunk(plan: Plan, state, images, labels, perm):
         lanes = plan.lanes_spec
         fn = jax.shard_map(fn, mesh=plan.layout.mesh, in_specs=(lanes, P(), P(), plan.perm_spec, P()),
                            out_specs=(lanes, P()))
-    jitted = jax.jit(fn, donate_argnums=0, compiler_options=compiling.options(plan.layout.platform) or None)
+    jitted = compiling.jit(fn, platform=plan.layout.platform, donate_argnums=0)
     return compile_step_program(plan, jitted.lower(state, images, labels, perm, jnp.int32(1)))
 
 
@@ -689,10 +689,9 @@ class Evaluator:
         fn = make_evaluate(self.spec, self.dtype, eval_batch_size(self.spec, self.dtype, models, budget))
         fn = jax.vmap(fn, in_axes=(0, None, None, 0)) if self.vmapped else fn
         # On a mesh the results come back replicated, so every process can read them.
-        options = compiling.options(self.layout.platform) or None
         if self.layout.mesh is None:
-            return jax.jit(fn, compiler_options=options)
-        return jax.jit(fn, out_shardings=self.layout.sharding(P()), compiler_options=options)
+            return compiling.jit(fn, platform=self.layout.platform)
+        return compiling.jit(fn, platform=self.layout.platform, out_shardings=self.layout.sharding(P()))
 
     def __call__(self, params, images, labels, model_state=None):
         """model_state: required for models that keep state (batch norm); None otherwise."""

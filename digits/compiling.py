@@ -51,12 +51,13 @@ def jit(fun=None, *, platform: str | None = None, **jit_kwargs):
     of that program."""
     if fun is None:
         return functools.partial(jit, platform=platform, **jit_kwargs)
-    if platform is not None:
-        return jax.jit(fun, compiler_options=options(platform) or None, **jit_kwargs)
 
     @functools.cache
     def for_platform(platform: str):
         return jax.jit(fun, compiler_options=options(platform) or None, **jit_kwargs)
+
+    if platform is not None:
+        return for_platform(platform)
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
@@ -65,5 +66,4 @@ def jit(fun=None, *, platform: str | None = None, **jit_kwargs):
         return for_platform(jax.default_backend())(*args, **kwargs)
 
     call.lower = lambda *args, **kwargs: for_platform(jax.default_backend()).lower(*args, **kwargs)
-    call._cache_size = lambda: for_platform(jax.default_backend())._cache_size()  # as jax.jit's, for tests
     return call

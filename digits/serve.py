@@ -124,7 +124,8 @@ class Analyser:
     info: dict  # GET /api/model
 
     def __post_init__(self):
-        self.compiled = compiling.jit(functools.partial(analysis, spec=self.spec, dtype=self.dtype))
+        self.compiled = compiling.jit(functools.partial(analysis, spec=self.spec, dtype=self.dtype),
+                                      platform=jax.default_backend())  # where the params are
 
     def analyse_image(self, image: np.ndarray) -> dict:
         """uint8 (28, 28) -> the API's dict. Thread-safe; x64 is per thread, so it is set here."""
